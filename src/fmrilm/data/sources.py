@@ -1,0 +1,42 @@
+"""What ingestion hands to preparation: one :class:`ScanSource` per scan, however the user stored it.
+
+Readers for each input kind (ROI time-series files, 4D NIfTI, BIDS derivatives) only find scans and say how
+to load them; :mod:`fmrilm.data.prepare` validates, preprocesses and stores them one at a time, so memory
+never holds more than one scan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+
+@dataclass
+class ScanSource:
+    """One scan to ingest.
+
+    Attributes
+    ----------
+    scan_id
+        Unique identifier of the scan in the cohort (file stem, or BIDS entities).
+    subject_id
+        Subject identifier without any ``sub-`` prefix; links the scan to the phenotype table.
+    path
+        The file the scan comes from (reported in errors and stored in the scan table).
+    load
+        Returns the native time series, shape (T, N), time along rows, any float dtype.
+    tr
+        Native repetition time in seconds, or None when it must come from ``--tr`` or a table.
+    extra
+        Further per-scan columns for the scan table (session, run, site, dataset...).
+    """
+
+    scan_id: str
+    subject_id: str
+    path: Path
+    load: Callable[[], np.ndarray]
+    tr: float | None = None
+    extra: dict = field(default_factory=dict)
