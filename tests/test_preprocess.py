@@ -352,3 +352,13 @@ def test_standardize_scan_refuses_non_finite():
     x[7, 1] = np.inf
     with pytest.raises(FmrilmError, match="2 NaN/Inf values"):
         standardize_scan(x, 0.72, PreprocessConfig())
+
+
+def test_standardize_scan_counts_rois_constant_in_any_window():
+    x = raw_bold(400)  # already at TR 2.0, so no resampling blurs the step into the constant part
+    x[160:, 4] = 10000.3  # constant in the second window only
+    x[:160, 7] = 9000.0  # constant in the first window only
+    windows, qc = standardize_scan(x, 2.0, PreprocessConfig(windows="all", max_constant_fraction=0.2))
+    assert len(windows) == 2 and qc["n_constant_rois"] == 2
+    assert np.all(windows[1][:, 4] == 0) and np.any(windows[0][:, 4] != 0)
+    assert np.all(windows[0][:, 7] == 0) and np.any(windows[1][:, 7] != 0)

@@ -66,6 +66,31 @@ def cmd_info(args: argparse.Namespace) -> None:
         print(describe_cohort(cohort))
 
 
+def _add_describe(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("describe", help="Stage 0: measure FC, gradients, ICA and graph descriptors of every scan and write them as text")
+    p.add_argument("cohort", metavar="COHORT")
+    p.add_argument("--out", required=True, metavar="DESC")
+    p.add_argument("--reference", metavar="DIR", help="describe against a saved reference (DESC/reference of an earlier run)")
+    p.add_argument("--density", type=float, default=0.10, help="proportion of strongest |FC| edges kept for graph measures")
+    p.add_argument("--ica-components", type=int, default=20, help="group ICA components")
+    p.add_argument("--ica-max-scans", type=int, default=500, help="training scans concatenated for the ICA fit")
+    p.add_argument("--top-k", type=int, default=3, help="most elevated / reduced network pairs named in the text")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=1, help="worker processes")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_describe)
+
+
+def cmd_describe(args: argparse.Namespace) -> None:
+    from fmrilm.descriptors.pipeline import run_describe
+    from fmrilm.descriptors.reference import DescribeConfig
+
+    config = DescribeConfig(density=args.density, ica_components=args.ica_components,
+                            ica_max_scans=args.ica_max_scans, top_k=args.top_k, seed=args.seed)
+    out = run_describe(args.cohort, args.out, reference=args.reference, config=config, jobs=args.jobs, overwrite=args.overwrite)
+    print(f"wrote {out}: descriptors.parquet, descriptors_z.parquet, texts.jsonl, reference/")
+
+
 def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("simulate", help="write a synthetic cohort as a user would bring it (time-series files + participants.tsv)")
     p.add_argument("--preset", default="ukb", help="ukb, abcd, hcp_aging, adni, adhd200 or abide2")
@@ -123,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fmrilm", description="fMRI-LM: resting-state fMRI and language in one model")
     parser.add_argument("--version", action="version", version=f"fmrilm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_prepare, _add_info, _add_simulate, _add_sample, _add_demo):
+    for add in (_add_prepare, _add_info, _add_describe, _add_simulate, _add_sample, _add_demo):
         add(sub)
     return parser
 

@@ -176,8 +176,10 @@ def fit_length(
     if n < length:
         old = np.arange(n)
         new = np.linspace(0, n - 1, length)
-        stretched = np.column_stack([np.interp(new, old, col) for col in x.T]) if x.shape[1] else x[:0]
-        return [stretched.reshape(length, x.shape[1])], "interpolated"
+        stretched = np.empty((length, x.shape[1]))
+        for j in range(x.shape[1]):
+            stretched[:, j] = np.interp(new, old, x[:, j])
+        return [stretched], "interpolated"
     n_windows = 1 if windows == "first" else n // length
     return [x[k * length : (k + 1) * length].copy() for k in range(n_windows)], "ok"
 

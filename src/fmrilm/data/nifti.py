@@ -129,6 +129,8 @@ def _atlas_labels(atlas: Atlas) -> nib.Nifti1Image:
         raise FmrilmError(f"atlas {atlas.name} has no label image; pass a registry atlas or a label .nii.gz")
     img = _open(atlas.image)
     data = np.rint(np.asanyarray(img.dataobj)).astype(np.int32)  # float-stored labels are integers
+    if data.ndim != 3 or not data.any():
+        raise FmrilmError(f"atlas image {atlas.image} is not a 3D label image with non-zero labels")
     return nib.Nifti1Image(data, img.affine)
 
 
@@ -160,10 +162,13 @@ def _labels_on_grid(labels: nib.Nifti1Image, img: nib.spatialimages.SpatialImage
     return nib.Nifti1Image(np.rint(np.asanyarray(resampled.dataobj)).astype(np.int32), img.affine)
 
 
-def _check_confounds(confounds, n_volumes: int, path: Path):
+def _check_confounds(confounds, n_volumes: int, path: Path) -> np.ndarray | None:
     if confounds is None:
         return None
-    values = np.asarray(confounds, dtype=float)
+    try:
+        values = np.asarray(confounds, dtype=float)
+    except (TypeError, ValueError):
+        raise FmrilmError(f"{path}: confounds hold non-numeric values; pass numbers only") from None
     values = values[:, None] if values.ndim == 1 else values
     if values.ndim == 2 and values.shape[1] == 0:
         return None
@@ -180,7 +185,7 @@ def _extract(img: nib.spatialimages.SpatialImage, path: Path, labels: nib.Nifti1
 
     data = nib.Nifti1Image(_read_data(img, path), img.affine)
     masker = NiftiLabelsMasker(labels_img=labels, resampling_target="data", strategy="mean", standardize=None,
-                               detrend=False, standardize_confounds=True)  # z-scored confounds: pure regression
+                               detrend=False, standardize_confounds=True)  # demeaned confounds keep ROI means
     return masker.fit_transform(data, confounds=confounds, sample_mask=sample_mask)
 
 
@@ -341,7 +346,10 @@ def _confounds_file(bold: Path, entities: dict[str, str], strategy: str) -> Path
 
 
 def _check_columns(path: Path, strategy: str) -> None:
-    columns = set(pd.read_csv(path, sep="\t", nrows=0).columns)
+    try:
+        columns = set(pd.read_csv(path, sep="\t", nrows=0).columns)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError):
+        raise FmrilmError(f"{path}: not a tab-separated confounds table; restore fMRIPrep's file") from None
     missing = [c for c in CONFOUND_COLUMNS[strategy] if c not in columns]
     if missing:
         shown = ", ".join(missing[:8]) + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else "")
