@@ -13,6 +13,8 @@ import pandas as pd
 from fmrilm.constants import SUBCORTICAL, YEO7_NETWORKS
 
 DOMAINS = ("fc", "fg", "ica", "graph")
+# Last name parts that are measures of a global quantity, never networks (fg.g1.range, fg.g1.variance).
+MEASURE_SUFFIXES = ("range", "variance")
 
 
 def network_order(networks: list[str] | pd.Series) -> list[str]:

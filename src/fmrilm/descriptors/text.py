@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from fmrilm.descriptors.common import DESCRIPTORS, DOMAINS
+from fmrilm.descriptors.common import DESCRIPTORS, DOMAINS, MEASURE_SUFFIXES
 from fmrilm.errors import FmrilmError
 
 READABLE = {"Vis": "visual", "SomMot": "somatomotor", "DorsAttn": "dorsal attention",
@@ -40,7 +40,7 @@ READABLE = {"Vis": "visual", "SomMot": "somatomotor", "DorsAttn": "dorsal attent
             "Default": "default mode", "Subcortical": "subcortical"}
 _RAW = {v: k for k, v in READABLE.items()}
 # Words a raw (unknown) network name may not be: the parser would confuse them with the template grammar.
-_RESERVED = {"and", "the", "in", "for", "within", "between", "network", "networks", "typical", "unavailable", "range",
+_RESERVED = {"and", "the", "in", "for", "within", "between", "network", "networks", "typical", "unavailable", *MEASURE_SUFFIXES,
              "every", "all", "other", "others", "rest", "remaining", "pair", "pairs"}
 _CONNECTIVITY = {"network_pair_connectivity", "mean_connectivity", "network_fnc"}  # "stronger/weaker" reads better
 
@@ -189,6 +189,8 @@ def _members(d: dict, column: str) -> tuple[str, ...] | None:
     if not column.startswith(d["columns"] + ".") or column in _GLOBAL_COLUMNS:
         return None
     parts = tuple(column[len(d["columns"]) + 1:].split("."))
+    if parts[-1] in MEASURE_SUFFIXES:  # fg.g1.variance is a measure of G1, not a network called "variance"
+        return None
     return parts if len(parts) == (1 if d["kind"] == "network" else 2) else None
 
 
