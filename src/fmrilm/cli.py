@@ -91,6 +91,75 @@ def cmd_describe(args: argparse.Namespace) -> None:
     print(f"wrote {out}: descriptors.parquet, descriptors_z.parquet, texts.jsonl, reference/")
 
 
+def _add_check(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("check-descriptors", help="how well each descriptor domain predicts a phenotype (the paper's descriptor check)")
+    p.add_argument("descriptors", metavar="DESC")
+    p.add_argument("--cohort", required=True, metavar="COHORT", help="the cohort the descriptors were made from (for its phenotypes)")
+    p.add_argument("--target", default="sex", help="phenotype column to predict")
+    p.add_argument("--simulation", metavar="FILE", help="simulation.json: also check each planted effect shows up in its domain")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--seeds", type=int, default=3)
+    p.set_defaults(func=cmd_check)
+
+
+def cmd_check(args: argparse.Namespace) -> None:
+    from fmrilm.descriptors.check import run_check
+
+    print(run_check(args.descriptors, args.cohort, args.target, simulation=args.simulation, folds=args.folds, seeds=args.seeds))
+
+
+def _add_train_tokenizer(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train-tokenizer", help="Stage 1: train the text-aligned fMRI tokenizer")
+    p.add_argument("cohort", metavar="COHORT")
+    p.add_argument("--descriptors", required=True, metavar="DESC", help="output of 'fmrilm describe' on this cohort")
+    p.add_argument("--out", required=True, metavar="TOK")
+    p.add_argument("--preset", default="quick", help="tokenizer preset: quick, tiny, S, B, L or a JSON file")
+    p.add_argument("--llm", default="smollm2-135m", help="LLM whose text space the tokens align with (name or directory)")
+    _add_train_options(p, epochs=None)
+    p.set_defaults(func=cmd_train_tokenizer)
+
+
+def _add_train_options(p: argparse.ArgumentParser, epochs: int | None) -> None:
+    p.add_argument("--epochs", type=int, default=epochs, help="training epochs (default: the stage's)")
+    p.add_argument("--batch-size", type=int, default=None, help="scans per batch and process")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default=None)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (resume later)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT/train")
+    p.add_argument("--overwrite", action="store_true")
+
+
+def train_overrides(args: argparse.Namespace) -> dict:
+    """The training options given on the command line, as TrainConfig fields."""
+    names = {"epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "precision": "precision",
+             "device": "device", "seed": "seed", "max_steps": "max_steps"}
+    return {field: getattr(args, arg) for arg, field in names.items() if getattr(args, arg) is not None}
+
+
+def cmd_train_tokenizer(args: argparse.Namespace) -> None:
+    from fmrilm.tokenizer.pipeline import run_train_tokenizer
+
+    metrics = run_train_tokenizer(args.cohort, args.descriptors, args.out, preset=args.preset, llm=args.llm,
+                                  train=train_overrides(args), resume=args.resume, overwrite=args.overwrite)
+    print(f"wrote {args.out}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
+
+
+def _add_tokenize(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tokenize", help="encode every scan of a cohort into discrete fMRI tokens")
+    p.add_argument("cohort", metavar="COHORT")
+    p.add_argument("--tokenizer", required=True, metavar="TOK")
+    p.add_argument("--out", required=True, metavar="FILE", help="codes as safetensors (scans x patches x ROIs)")
+    p.set_defaults(func=cmd_tokenize)
+
+
+def cmd_tokenize(args: argparse.Namespace) -> None:
+    from fmrilm.tokenizer.pipeline import run_tokenize
+
+    print(f"wrote {run_tokenize(args.cohort, args.tokenizer, args.out)}")
+
+
 def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("simulate", help="write a synthetic cohort as a user would bring it (time-series files + participants.tsv)")
     p.add_argument("--preset", default="ukb", help="ukb, abcd, hcp_aging, adni, adhd200 or abide2")
@@ -148,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fmrilm", description="fMRI-LM: resting-state fMRI and language in one model")
     parser.add_argument("--version", action="version", version=f"fmrilm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_prepare, _add_info, _add_describe, _add_simulate, _add_sample, _add_demo):
+    for add in (_add_prepare, _add_info, _add_describe, _add_check, _add_train_tokenizer, _add_tokenize,
+                _add_simulate, _add_sample, _add_demo):
         add(sub)
     return parser
 

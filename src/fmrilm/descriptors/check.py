@@ -85,3 +85,34 @@ def planted_domains(simulation: str | Path, target: str) -> set[str]:
         raise FmrilmError(f"--simulation {path}: file does not exist (it is written by 'fmrilm simulate')")
     effects = json.loads(path.read_text()).get("effects", {})
     return {effect["domain"] for effect in effects.get(target, []) if "domain" in effect}
+
+
+def run_check(descriptors: str | Path, cohort: str | Path, target: str, *, simulation: str | Path | None = None,
+              folds: int = 5, seeds: int = 3) -> str:
+    """Run :func:`descriptor_check`, write ``DESC/check_<target>.json`` and return a printable table.
+
+    With ``simulation``, every domain in which an effect of ``target`` was planted must beat chance (by more
+    than two SDs over seeds and at least 0.05 accuracy, or r > 0.1); a miss is an error naming the domain.
+    """
+    from fmrilm.data.cohort import load_cohort
+    from fmrilm.descriptors.pipeline import load_descriptors
+    from fmrilm.io import write_json_atomic
+
+    with load_cohort(cohort) as opened:
+        phenotypes = opened.phenotypes
+    table = descriptor_check(load_descriptors(descriptors), phenotypes, target, folds=folds, seeds=seeds)
+    planted = planted_domains(simulation, target) if simulation else set()
+    table["planted"] = table["domain"].isin(planted)
+    table["above_chance"] = [_beats_chance(row) for row in table.to_dict(orient="records")]
+    write_json_atomic(Path(descriptors) / f"check_{target}.json", {"target": target, "rows": table.to_dict(orient="records")})
+    missed = table[table["planted"] & ~table["above_chance"]]
+    text = table.to_string(index=False, float_format=lambda v: f"{v:.3f}")
+    if len(missed):
+        raise FmrilmError(f"planted {target} effects do not show in domain(s) {', '.join(missed['domain'])}:\n{text}".splitlines()[0])
+    return text
+
+
+def _beats_chance(row: dict) -> bool:
+    if row["metric"] == "accuracy":
+        return row["mean"] - row["chance"] > max(0.05, 2 * row["std"])
+    return row["mean"] > max(0.1, 2 * row["std"])
