@@ -78,13 +78,17 @@ def descriptor_check(z: pd.DataFrame, phenotypes: pd.DataFrame, target: str, fol
     return pd.DataFrame(rows)
 
 
+# Where each kind of planted effect (simulation.json "kind") shows among the descriptors.
+_KIND_DOMAIN = {"pair": "fc", "within": "fc", "amplitude": "ica", "gradient": "fg", "segregation": "graph"}
+
+
 def planted_domains(simulation: str | Path, target: str) -> set[str]:
     """Descriptor domains in which ``simulation.json`` planted an effect of ``target``."""
     path = Path(simulation)
     if not path.is_file():
         raise FmrilmError(f"--simulation {path}: file does not exist (it is written by 'fmrilm simulate')")
-    effects = json.loads(path.read_text()).get("effects", {})
-    return {effect["domain"] for effect in effects.get(target, []) if "domain" in effect}
+    effects = json.loads(path.read_text()).get("effects", [])
+    return {effect.get("domain") or _KIND_DOMAIN[effect["kind"]] for effect in effects if effect.get("target") == target}
 
 
 def run_check(descriptors: str | Path, cohort: str | Path, target: str, *, simulation: str | Path | None = None,

@@ -38,12 +38,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+import warnings
 
 import numpy as np
 from scipy.signal import welch
 
 from fmrilm.descriptors.common import column, fisher_z, network_pairs
-from fmrilm.errors import FmrilmError
+from fmrilm.errors import FmrilmError, FmrilmWarning
 
 STATE_FORMAT = "fmrilm.group_ica/1"
 WELCH_SECONDS = 128.0  # Welch window length in seconds, so the frequency resolution does not depend on TR
@@ -123,6 +124,7 @@ class GroupICA:
         Sets ``maps_`` and ``mixing_`` (K, N), ``networks_`` (K,) network names, ``names_`` and ``n_scans_``.
         """
         from sklearn.decomposition import FastICA
+        from sklearn.exceptions import ConvergenceWarning
 
         network_index = np.asarray(network_index, dtype=np.int64)
         valid = network_index.ndim == 1 and network_index.size > 0
@@ -141,7 +143,12 @@ class GroupICA:
         basis = vectors[:, ::-1][:, :k]  # (N, K) principal axes over ROIs
         reduced = np.concatenate([x @ basis for x in data])
         ica = FastICA(k, whiten="unit-variance", whiten_solver="eigh", max_iter=1000, random_state=self.random_state)
-        ica.fit(reduced)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            ica.fit(reduced)
+        if any(issubclass(w.category, ConvergenceWarning) for w in caught):
+            warnings.warn(f"group ICA (FastICA, {k} components) did not converge in 1000 iterations: the sources are "
+                          "close to Gaussian (common in synthetic data); ICA descriptors are less stable", FmrilmWarning, stacklevel=2)
         mixing = (basis @ ica.mixing_).T  # unit-variance sources: ||mixing_k||^2 is the variance explained
         mixing = mixing[np.argsort(-np.square(mixing).sum(axis=1), kind="stable")]
         self.maps_, signs = _orient(mixing)
