@@ -105,7 +105,12 @@ def _add_check(sub: argparse._SubParsersAction) -> None:
 def cmd_check(args: argparse.Namespace) -> None:
     from fmrilm.descriptors.check import run_check
 
-    print(run_check(args.descriptors, args.cohort, args.target, simulation=args.simulation, folds=args.folds, seeds=args.seeds))
+    table, missed = run_check(args.descriptors, args.cohort, args.target, simulation=args.simulation,
+                              folds=args.folds, seeds=args.seeds)
+    print(table)
+    if missed:
+        raise FmrilmError(f"planted {args.target} effects do not show in domain(s) {', '.join(missed)}: "
+                          "more subjects or a larger --effect-scale in simulate make them detectable")
 
 
 def _add_train_tokenizer(sub: argparse._SubParsersAction) -> None:

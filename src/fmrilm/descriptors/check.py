@@ -92,11 +92,12 @@ def planted_domains(simulation: str | Path, target: str) -> set[str]:
 
 
 def run_check(descriptors: str | Path, cohort: str | Path, target: str, *, simulation: str | Path | None = None,
-              folds: int = 5, seeds: int = 3) -> str:
-    """Run :func:`descriptor_check`, write ``DESC/check_<target>.json`` and return a printable table.
+              folds: int = 5, seeds: int = 3) -> tuple[str, list[str]]:
+    """Run :func:`descriptor_check`, write ``DESC/check_<target>.json``; return a printable table and the
+    planted domains that missed.
 
-    With ``simulation``, every domain in which an effect of ``target`` was planted must beat chance (by more
-    than two SDs over seeds and at least 0.05 accuracy, or r > 0.1); a miss is an error naming the domain.
+    With ``simulation``, every domain in which an effect of ``target`` was planted should beat chance (by
+    more than two SDs over seeds and at least 0.05 accuracy, or r > 0.1); those that do not are returned.
     """
     from fmrilm.data.cohort import load_cohort
     from fmrilm.descriptors.pipeline import load_descriptors
@@ -109,11 +110,8 @@ def run_check(descriptors: str | Path, cohort: str | Path, target: str, *, simul
     table["planted"] = table["domain"].isin(planted)
     table["above_chance"] = [_beats_chance(row) for row in table.to_dict(orient="records")]
     write_json_atomic(Path(descriptors) / f"check_{target}.json", {"target": target, "rows": table.to_dict(orient="records")})
-    missed = table[table["planted"] & ~table["above_chance"]]
-    text = table.to_string(index=False, float_format=lambda v: f"{v:.3f}")
-    if len(missed):
-        raise FmrilmError(f"planted {target} effects do not show in domain(s) {', '.join(missed['domain'])}:\n{text}".splitlines()[0])
-    return text
+    missed = list(table.loc[table["planted"] & ~table["above_chance"], "domain"])
+    return table.to_string(index=False, float_format=lambda v: f"{v:.3f}"), missed
 
 
 def _beats_chance(row: dict) -> bool:
