@@ -299,3 +299,28 @@ def test_bids_confound_errors(bids, atlas):
                                           "sub-01_task-rest_desc-confounds_timeseries.tsv beside it"):
         bids_sources(root, atlas, confounds="motion6")
     assert len(bids_sources(root, atlas)) == 2  # no strategy: no confounds file needed
+
+
+def test_prepare_cli_from_bids_and_nifti(bids, atlas, tmp_path, capsys):
+    """`fmrilm prepare --bids/--nifti` with a user label image and ROI table, through to a cohort."""
+    from fmrilm import load_cohort
+    from fmrilm.cli import main
+
+    root, _ = bids
+    labels = tmp_path / "labels.tsv"
+    atlas.rois[["label", "name"]].to_csv(labels, sep="\t", index=False)
+    common = ["--atlas", str(atlas.image), "--atlas-labels", str(labels), "--length", "10", "--min-points", "8"]
+    code = main(["prepare", "--bids", str(root), "--confounds", "motion6", "--out", str(tmp_path / "c_bids"), *common])
+    assert code == 0, capsys.readouterr().err
+    with load_cohort(tmp_path / "c_bids") as cohort:
+        assert cohort.timeseries.shape == (2, 10, 6)
+        assert list(cohort.scans["subject_id"]) == ["01", "02"] and list(cohort.scans["native_tr"]) == [0.72, 1.5]
+        assert cohort.meta["input"] == {"kind": "bids", "path": str(root), "confounds": "motion6", "space": None}
+    image = _bold(tmp_path / "sub-07_rest.nii.gz", _signals(3), tr=2.0)
+    code = main(["prepare", "--nifti", str(image), "--out", str(tmp_path / "c_nii"), *common])
+    assert code == 0, capsys.readouterr().err
+    assert load_cohort(tmp_path / "c_nii").scans["subject_id"].tolist() == ["07"]
+    flat = _save_bold(tmp_path / "flat.nii.gz", np.zeros(SHAPE))
+    code = main(["prepare", "--nifti", str(flat), "--out", str(tmp_path / "c_bad"), *common])
+    err = capsys.readouterr().err
+    assert code == 2 and "flat.nii.gz" in err and "4D" in err and err.count("\n") == 1
