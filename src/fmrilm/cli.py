@@ -165,6 +165,46 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
     print(f"wrote {run_tokenize(args.cohort, args.tokenizer, args.out)}")
 
 
+def _add_align(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("align", help="Stage 2: teach an LLM to continue fMRI tokens (F2F), describe scans (F2T) and keep its English (T2T)")
+    p.add_argument("cohort", metavar="COHORT")
+    p.add_argument("--tokenizer", required=True, metavar="TOK", help="output of 'fmrilm train-tokenizer'")
+    p.add_argument("--descriptors", required=True, metavar="DESC", help="output of 'fmrilm describe' on this cohort")
+    p.add_argument("--llm", default="smollm2-135m", help="base causal LM: smollm2-135m (offline), a directory or a hub id")
+    p.add_argument("--out", required=True, metavar="LM")
+    p.add_argument("--full-finetune", action="store_true", help="train every LLM weight instead of LoRA adapters")
+    _add_train_options(p, epochs=None)
+    p.set_defaults(func=cmd_align)
+
+
+def cmd_align(args: argparse.Namespace) -> None:
+    from fmrilm.lm.pipeline import run_align
+
+    metrics = run_align(args.cohort, args.tokenizer, args.descriptors, args.out, llm=args.llm,
+                        lora=not args.full_finetune, train=train_overrides(args), resume=args.resume,
+                        overwrite=args.overwrite)
+    print(f"wrote {args.out}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
+
+
+def _add_describe_scan(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("describe-scan", help="describe one scan in words with an aligned model")
+    p.add_argument("--model", required=True, metavar="LM", help="output of 'fmrilm align'")
+    p.add_argument("--scan", required=True, nargs="+", metavar="FILE", help="ROI time-series file(s) in any format prepare accepts")
+    p.add_argument("--tr", type=float, metavar="SECONDS", help="native repetition time of the scan")
+    p.add_argument("--site", help="acquisition site (for the cohort's site statistics; default: none)")
+    p.add_argument("--mat-key", metavar="NAME")
+    p.add_argument("--transpose", action="store_true", help="the file is ROIs x time")
+    p.set_defaults(func=cmd_describe_scan)
+
+
+def cmd_describe_scan(args: argparse.Namespace) -> None:
+    from fmrilm.lm.pipeline import describe_scan
+
+    texts = describe_scan(args.model, args.scan, tr=args.tr, site=args.site, mat_key=args.mat_key, transpose=args.transpose)
+    for path, text in zip(args.scan, texts if isinstance(texts, list) else [texts]):
+        print(f"{path}: {text}")
+
+
 def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("simulate", help="write a synthetic cohort as a user would bring it (time-series files + participants.tsv)")
     p.add_argument("--preset", default="ukb", help="ukb, abcd, hcp_aging, adni, adhd200 or abide2")
@@ -222,8 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fmrilm", description="fMRI-LM: resting-state fMRI and language in one model")
     parser.add_argument("--version", action="version", version=f"fmrilm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_prepare, _add_info, _add_describe, _add_check, _add_train_tokenizer, _add_tokenize,
-                _add_simulate, _add_sample, _add_demo):
+    for add in (_add_prepare, _add_info, _add_describe, _add_check, _add_train_tokenizer, _add_tokenize, _add_align,
+                _add_describe_scan, _add_simulate, _add_sample, _add_demo):
         add(sub)
     return parser
 
