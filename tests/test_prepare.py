@@ -245,3 +245,9 @@ def test_registry_atlas_by_name_for_time_series(capsys, tmp_path):
     assert code == 0, err
     rois = load_cohort(tmp_path / "c").rois
     assert len(rois) == 116 and rois["network"].iloc[0] == "Subcortical" and rois["name"].iloc[16] == "7Networks_LH_Vis_1"
+
+
+def test_env_reports_versions(capsys):
+    assert main(["env"]) == 0
+    out = capsys.readouterr().out
+    assert "fmrilm" in out and "torch" in out and "transformers" in out and "cache" in out

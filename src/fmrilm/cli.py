@@ -258,12 +258,23 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(args.out, preset=args.preset, overwrite=args.overwrite)
 
 
+def _add_env(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("env", help="print versions and settings for a bug report")
+    p.set_defaults(func=cmd_env)
+
+
+def cmd_env(args: argparse.Namespace) -> None:
+    from fmrilm.support import environment_report
+
+    print(environment_report())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fmrilm", description="fMRI-LM: resting-state fMRI and language in one model")
     parser.add_argument("--version", action="version", version=f"fmrilm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in (_add_prepare, _add_info, _add_describe, _add_check, _add_train_tokenizer, _add_tokenize, _add_align,
-                _add_describe_scan, _add_simulate, _add_sample, _add_demo):
+                _add_describe_scan, _add_simulate, _add_sample, _add_demo, _add_env):
         add(sub)
     return parser
 
