@@ -373,3 +373,10 @@ def test_semantic_description_never_reveals_the_target(task):
         allowed = {float(v) for f, v in row.items() if f not in excluded and isinstance(v, float) and f in semantic.FIELDS}
         allowed |= {float(int(row["age"])) for _ in [0] if task != "age" and row["age"] is not None}
         assert numbers(person) <= allowed, (task, person, row)
+
+
+def test_dataset_names_with_underscored_sex_words_are_not_written_for_the_sex_task():
+    from fmrilm.descriptors.semantic import semantic_description
+
+    text = semantic_description({"dataset": "women_study", "sex": "F", "age": 50}, task="sex")
+    assert "women" not in text.lower()

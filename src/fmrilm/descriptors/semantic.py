@@ -84,7 +84,7 @@ _CONTROLS = {"control", "controls", "cn", "hc", "td", "tdc", "healthy", "nc", "t
 _SEX = {"f": "F", "female": "F", "woman": "F", "m": "M", "male": "M", "man": "M"}
 # Words that reveal a task's target; a raw (unknown) dataset name containing one is not written for that task.
 _REVEALING = {
-    "sex": r"\b(?:male|female|man|woman|men|women|boys?|girls?|sex|gender)\b",
+    "sex": r"(?<![a-z])(?:male|female|man|woman|men|women|boys?|girls?|sex|gender)(?![a-z])",  # "_" separates words
     "age": r"(?<![a-z])(?:ag(?:e|ed|ing|eing)(?![a-z])|old|young|child|kid|teen|adolescen|adult|elder|senior|infant|p(?:a)?ediatric|lifespan)",
     "diagnosis": r"(?<![a-z])(?:adhd|autis|asd|alzheimer|dementia|mci|ad(?![a-z])|cn(?![a-z])|patient|control|clinic|disorder)",
 }
