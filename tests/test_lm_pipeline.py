@@ -271,7 +271,7 @@ def acceptance(tmp_path_factory):
     return metrics
 
 
-@pytest.mark.slow
+@pytest.mark.acceptance
 @pytest.mark.needs_atlas
 def test_acceptance_f2f_and_t2t(acceptance):
     assert acceptance["f2f_accuracy"] > acceptance["f2f_copy_last_accuracy"]
@@ -279,7 +279,7 @@ def test_acceptance_f2f_and_t2t(acceptance):
     assert acceptance["t2t_perplexity"] < 1.15 * acceptance["t2t_perplexity_base"]
 
 
-@pytest.mark.slow
+@pytest.mark.acceptance
 @pytest.mark.needs_atlas
 def test_acceptance_f2t_beats_majority(acceptance):
     assert acceptance["f2t_field_accuracy"] > acceptance["f2t_majority_field_accuracy"]

@@ -253,7 +253,7 @@ def test_tokenize_refuses_a_cohort_with_other_rois(trained, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------- quality
-@pytest.mark.slow
+@pytest.mark.acceptance
 @pytest.mark.needs_atlas
 def test_quick_preset_learns_on_a_simulated_cohort(tmp_path):
     from fmrilm.cli import main
