@@ -320,7 +320,7 @@ def _launch(out: Path, processes: int, batch_size: int, *extra: str) -> list[dic
     return read_metrics(out)[1]
 
 
-@pytest.mark.slow
+@pytest.mark.acceptance  # flaky under load: a gloo teardown abort ("terminate called without an active exception") was seen once
 def test_two_processes_follow_the_one_process_run_and_resume_exactly(tmp_path):
     one = _launch(tmp_path / "one", 1, 16)
     two = _launch(tmp_path / "two", 2, 8)  # the same global batch of 16: 3 steps per epoch
