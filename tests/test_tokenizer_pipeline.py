@@ -188,23 +188,24 @@ def test_english_tokens_are_drawn_per_batch_deterministically():
 
 
 # ------------------------------------------------------------------------------------------------- split
-def inputs_for(subjects: list[str]) -> StageInputs:
-    return StageInputs(Path("cohort"), Path("desc"), [f"scan{i}" for i in range(len(subjects))], subjects, [], None, 4, 32)
+def inputs_for(subjects: list[str], phenotypes: pd.DataFrame | None = None) -> StageInputs:
+    phenotypes = pd.DataFrame({"subject_id": sorted(set(subjects))}) if phenotypes is None else phenotypes
+    return StageInputs(Path("cohort"), Path("desc"), subjects, [], None, 4, 32, phenotypes)
 
 
 def test_split_is_by_subject_and_follows_a_split_column():
     subjects = [f"sub{i // 3}" for i in range(60)]  # 20 subjects of 3 scans
-    split = split_subjects(inputs_for(subjects), pd.DataFrame({"subject_id": sorted(set(subjects))}), 0.2)
+    split = split_subjects(inputs_for(subjects), 0.2)
     train_subjects = {subjects[i] for i in split["train"]}
     held_subjects = {subjects[i] for i in split["held_out"]}
     assert not train_subjects & held_subjects and len(held_subjects) == 4
     assert held_subjects == set(split["held_out_subjects"]) and len(split["train"]) + len(split["held_out"]) == 60
     phenotypes = pd.DataFrame({"subject_id": [f"sub{i}" for i in range(20)],
                                "split": ["train"] * 15 + ["val"] * 3 + ["test"] * 2})
-    split = split_subjects(inputs_for(subjects), phenotypes, 0.5)
+    split = split_subjects(inputs_for(subjects, phenotypes), 0.5)
     assert {subjects[i] for i in split["held_out"]} == {f"sub{i}" for i in range(15, 20)}
     with pytest.raises(FmrilmError, match="leaves no held-out scan"):
-        split_subjects(inputs_for(subjects), phenotypes.assign(split="train"), 0.1)
+        split_subjects(inputs_for(subjects, phenotypes.assign(split="train")), 0.1)
 
 
 # ------------------------------------------------------------------------------------------------- errors

@@ -319,7 +319,7 @@ def evaluate_alignment(model, held: HeldOut, *, max_new_tokens: int, max_text_to
     dict of floats (None where not computable), counts and three ``examples``.
     """
     model.eval()
-    f2f = held.codes is not None and held.train_codes is not None
+    f2f = held.codes is not None and held.train_codes is not None and model.config.n_steps >= 2
     scores = teacher_forced(model, held.features, held.codes if f2f else None, held.references, max_text_tokens,
                             batch_size)
     metrics = {"n_held_out_scans": len(held.references), **scores}

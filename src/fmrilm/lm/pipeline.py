@@ -24,7 +24,7 @@ phenotypes' ``split`` column ("train" vs the rest) when present, else a fraction
 
 Sequence length and CPU. The block has W*N tokens but only W positions (the ROIs of a step share one), so
 the LLM's context limits text, not the grid. The paper's grid, P=32 on 160 points and N=450 ROIs, is 2,250
-fMRI tokens per scan: supported (memory grows with the square of the sequence in attention only), but each
+fMRI tokens per scan: supported (the float attention mask is S x S, 22 MB per scan at S = 2,350), but each
 training sample then costs ~3 x 2 x 106 M x 2,350 ~ 1.5 TFLOP for SmolLM2-135M, tens of seconds on a CPU.
 CPU runs shrink the grid: a smaller atlas (116 ROIs, ``schaefer100_tian_s1``) with P=32 gives 580 tokens
 (W=5), and P=80 gives W=2, 232 tokens. P=160 (W=1) cannot train F2F, which predicts step w+1 from steps
@@ -296,45 +296,58 @@ def run_align(
         The metrics written to ``eval.json``; for a run stopped by ``max_steps`` before its last step,
         ``{"finished": False, "steps_done": ..., "total_steps": ...}`` and only checkpoints are written.
     """
-    from fmrilm.lm.corpus import english_corpus, split_corpus
     from fmrilm.tokenizer.pipeline import load_inputs, split_subjects
 
     out, tokenizer = _check_out(Path(out), resume, overwrite), Path(tokenizer)
     inputs = load_inputs(cohort, descriptors)
-    tok_config = _tokenizer_config(tokenizer, inputs)
-    config = build_config(tok_config, tokenizer, llm, lora, config_overrides)  # refuse bad settings before work
+    config = build_config(_tokenizer_config(tokenizer, inputs), tokenizer, llm, lora, config_overrides)
+    split = split_subjects(inputs, held_out_fraction)
     with load_cohort(inputs.cohort) as opened:
-        split = split_subjects(inputs, opened.phenotypes, held_out_fraction)
-        preprocess = _preprocess_record(opened)
+        preprocess, scan_ids = _preprocess_record(opened), [str(s) for s in opened.scans["scan_id"]]
     _warn_split_mismatch(tokenizer, split)
     train_cfg = stage_train_config(train)
-    texts = _field_texts(inputs.descriptors, inputs.scan_ids, inputs.texts, text_field)
-    columns = _descriptor_columns(inputs.descriptors)
-    cache = _encode_main_first(inputs.cohort, tokenizer, out / CACHE_DIR / "tokens")
+    texts = _field_texts(inputs.descriptors, scan_ids, inputs.texts, text_field)
+    cache = TokenCache(out / CACHE_DIR / "tokens")  # filled below, once the Trainer knows the main process
     set_seed(train_cfg.seed)  # same initial weights on every run and every process
     model = FMRILanguageModel(config)
     targets = [target_text(t, model.tokenizer, max_text_tokens) for t in texts]
-    english_train, english_held = split_corpus(english_corpus(), held_out_fraction=0.1, seed=0)
-    examples = [f2t_example(model.tokenizer, t, max_text_tokens) for t in targets]
-    paragraphs = [t2t_batch(model.tokenizer, [p], LM_MAX_TOKENS)["lm_ids"][0] for p in english_train]
-    dataset = AlignDataset(cache, split["train"], examples, paragraphs, model.config.f2f_weight > 0, train_cfg.seed)
+    dataset, english_held = _training_set(model, cache, split["train"], targets, max_text_tokens, train_cfg.seed)
     run = {"cohort": str(inputs.cohort.resolve()), "descriptors": str(inputs.descriptors.resolve()),
            "tokenizer": str(tokenizer.resolve()), "llm": llm, "model_config": model.config.to_dict(),
            "text_field": text_field, "max_text_tokens": max_text_tokens, "held_out_fraction": held_out_fraction,
            "held_out_subjects": split["held_out_subjects"], "train_subjects_sha256": split["train_subjects_sha256"]}
     trainer = Trainer(model, dataset, train_cfg, out / TRAIN_DIR, collate_fn=AlignCollator(model.tokenizer.pad_token_id))
-    _start_run(trainer, out, run, resume)
+    if trainer.accelerator.is_main_process:
+        encode_cohort(inputs.cohort, tokenizer, cache.directory)
+    _start_run(trainer, out, run, resume)  # waits for every process
     trainer.fit(resume=resume)
     steps = _steps_done(trainer)
     if steps < trainer.total_steps:
         return {"finished": False, "steps_done": steps, "total_steps": trainer.total_steps}
-    held = HeldOut(_Rows(cache.features, split["held_out"]), _Rows(cache.codes, split["held_out"]),
-                   [targets[i] for i in split["held_out"]], columns, np.asarray(cache.codes[split["train"]]),
-                   [targets[i] for i in split["train"][:2000]], english_held,
-                   [inputs.scan_ids[i] for i in split["held_out"]])
+    held = _held_out(cache, split, targets, _descriptor_columns(inputs.descriptors), english_held, scan_ids)
     run.update(train_config=train_cfg.to_dict(), split_method=split["method"], n_train_scans=len(split["train"]),
                n_held_out_scans=len(split["held_out"]), fmri_tokens_per_scan=model.config.n_steps * model.config.n_rois)
     return _finish(trainer, held, preprocess, tokenizer, out, run, n_generate)
+
+
+def _training_set(model: FMRILanguageModel, cache: TokenCache, train: np.ndarray, targets: list[str],
+                  max_text_tokens: int, seed: int) -> tuple[AlignDataset, list[str]]:
+    """The training items (F2T targets and T2T paragraphs tokenized once) and the held-out English paragraphs."""
+    from fmrilm.lm.corpus import english_corpus, split_corpus
+
+    english_train, english_held = split_corpus(english_corpus(), held_out_fraction=0.1, seed=0)
+    examples = [f2t_example(model.tokenizer, t, max_text_tokens) for t in targets]
+    paragraphs = [t2t_batch(model.tokenizer, [p], LM_MAX_TOKENS)["lm_ids"][0] for p in english_train]
+    return AlignDataset(cache, train, examples, paragraphs, model.config.f2f_weight > 0, seed), english_held
+
+
+def _held_out(cache: TokenCache, split: dict, targets: list[str], columns: list[str], paragraphs: list[str],
+              scan_ids: list[str]) -> HeldOut:
+    """Evaluation inputs; the majority baselines count the training scans (references: the first 2,000)."""
+    held, train = split["held_out"], split["train"]
+    return HeldOut(_Rows(cache.features, held), _Rows(cache.codes, held), [targets[i] for i in held], columns,
+                   np.asarray(cache.codes[train]), [targets[i] for i in train[:2000]], paragraphs,
+                   [scan_ids[i] for i in held])
 
 
 def _check_out(out: Path, resume: bool, overwrite: bool) -> Path:
@@ -389,17 +402,6 @@ def _warn_split_mismatch(tokenizer: Path, split: dict) -> None:
         if held is not None and sorted(held) != split["held_out_subjects"]:
             warnings.warn(f"the tokenizer {tokenizer} held out other subjects than this split; held-out metrics "
                           "may include subjects the tokenizer trained on", FmrilmWarning, stacklevel=3)
-
-
-def _encode_main_first(cohort: Path, tokenizer: Path, cache: Path) -> TokenCache:
-    """The main process fills the cache; the others wait and then map the same files."""
-    from accelerate import PartialState
-
-    state = PartialState()
-    if state.is_main_process:
-        encode_cohort(cohort, tokenizer, cache)
-    state.wait_for_everyone()
-    return TokenCache(cache)
 
 
 def _start_run(trainer: Trainer, out: Path, run: dict, resume: bool) -> None:

@@ -11,16 +11,19 @@ Outputs of :func:`run_train_tokenizer` in ``OUT``::
 
 Every file is written through a temporary name and a rename, so a crash never leaves a half-written one.
 
-What the model sees. Scans of training subjects are read lazily from the cohort's HDF5 store (one handle per
-process). Each is paired with the LLM's last-token state of its descriptor paragraph (``texts.jsonl`` field
-``text``), computed once. Each batch also carries ``4 x B`` frozen LLM input embeddings of tokens of English
-prose (:func:`fmrilm.lm.corpus.english_corpus`, 90 % of paragraphs; the other 10 % are kept for the held-out
-domain accuracy), drawn with a generator seeded by the batch's item indices, so a resumed run draws the same.
+What the model sees. Training subjects' scans, read lazily from the cohort's HDF5 store (one handle per process),
+each with the frozen LLM's last-token state of its descriptor paragraph (``texts.jsonl`` field ``text``),
+computed once. Each batch also carries ``4 x B`` frozen LLM input embeddings of English prose tokens
+(:func:`fmrilm.lm.corpus.english_corpus`, 90 % of paragraphs; the rest serve the held-out domain accuracy),
+drawn with a generator seeded by the batch's item indices, so a resumed run draws the same.
 
 DANN progress. The gradient-reversal ramp needs p = step / total steps. :class:`ProgressTracker` wraps the
 training module and counts training micro-batches in an integer buffer; the buffer is part of the weights the
 Trainer checkpoints, so after a resume p continues exactly where it stopped (p = micro-batches done / all
 micro-batches of the run, which equals optimizer steps / total steps when ``gradient_accumulation`` is 1).
+
+Stage defaults. ``TRAIN_DEFAULTS`` holds the TrainConfig fields per preset (the ``train`` argument overrides
+them); every tokenizer setting comes from the preset and ``overrides``.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from pathlib import Path
 from typing import Mapping
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset, default_collate
@@ -56,11 +60,10 @@ _FROM_DATA = ("n_rois", "length", "text_dim", "llm_embed_dim")  # set from the c
 SPLIT_SEED = 0  # the held-out subjects do not move when the training seed changes
 TOKENS_PER_SCAN = 4  # English token embeddings per scan in a batch (B2 = 4 B)
 EVAL_TOKENS = 4096  # held-out English tokens for the domain accuracy
-# Stage defaults of the training settings; "quick" and "tiny" are CPU-sized (see the report of the slow test).
-TRAIN_DEFAULTS: dict[str, dict] = {
+TRAIN_DEFAULTS: dict[str, dict] = {  # per preset (file stem, lower case); "default" for the others
     "default": {"epochs": 50, "batch_size": 32, "lr": 3e-4, "warmup_ratio": 0.05, "log_every": 10},
-    "quick": {"epochs": 40, "batch_size": 16, "lr": 2e-3, "warmup_ratio": 0.05, "log_every": 10},
-    "tiny": {"epochs": 40, "batch_size": 16, "lr": 2e-3, "warmup_ratio": 0.05, "log_every": 10},
+    "quick": {"epochs": 15, "batch_size": 8, "lr": 2e-3, "warmup_ratio": 0.05, "log_every": 10},  # CPU minutes
+    "tiny": {"epochs": 15, "batch_size": 8, "lr": 2e-3, "warmup_ratio": 0.05, "log_every": 10},
 }
 
 
@@ -71,25 +74,23 @@ class StageInputs:
 
     cohort: Path
     descriptors: Path
-    scan_ids: list[str]
     subjects: list[str]
     texts: list[str]
     gradients: np.ndarray | None
     n_rois: int
     length: int
+    phenotypes: pd.DataFrame
 
 
 def load_inputs(cohort: str | os.PathLike, descriptors: str | os.PathLike) -> StageInputs:
     """Open the cohort and its ``fmrilm describe`` output and check that they belong together."""
     cohort, descriptors = Path(cohort), Path(descriptors)
     with load_cohort(cohort) as opened:
-        scan_ids = [str(s) for s in opened.scans["scan_id"]]
-        subjects = [str(s) for s in opened.scans["subject_id"]]
-        _, length, n_rois = opened.timeseries.shape
-    records = _read_texts(descriptors)
-    texts = _match_texts(records, scan_ids, subjects, cohort, descriptors)
-    return StageInputs(cohort, descriptors, scan_ids, subjects, texts, _reference_gradients(descriptors, n_rois),
-                       int(n_rois), int(length))
+        scan_ids, subjects = ([str(s) for s in opened.scans[c]] for c in ("scan_id", "subject_id"))
+        (_, length, n_rois), phenotypes = opened.timeseries.shape, opened.phenotypes
+    texts = _match_texts(_read_texts(descriptors), scan_ids, subjects, cohort, descriptors)
+    return StageInputs(cohort, descriptors, subjects, texts, _reference_gradients(descriptors, n_rois), int(n_rois),
+                       int(length), phenotypes)
 
 
 def _read_texts(descriptors: Path) -> dict[str, dict]:
@@ -97,8 +98,7 @@ def _read_texts(descriptors: Path) -> dict[str, dict]:
     if not path.is_file():
         raise FmrilmError(f"{descriptors} is not an 'fmrilm describe' output ({path.name} is missing); "
                           f"run 'fmrilm describe COHORT --out {descriptors}'")
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {str(r["scan_id"]): r for r in records}
+    return {str(r["scan_id"]): r for r in map(json.loads, filter(str.strip, path.read_text().splitlines()))}
 
 
 def _match_texts(records: dict, scan_ids: list[str], subjects: list[str], cohort: Path, descriptors: Path) -> list[str]:
@@ -133,7 +133,7 @@ def _reference_gradients(descriptors: Path, n_rois: int) -> np.ndarray | None:
     return gradients if np.isfinite(gradients).all() else None
 
 
-def split_subjects(inputs: StageInputs, phenotypes, held_out_fraction: float) -> dict:
+def split_subjects(inputs: StageInputs, held_out_fraction: float) -> dict:
     """Subject-level split: ``split == "train"`` subjects train when the phenotypes have that column, the rest
     is held out; otherwise a seeded ``held_out_fraction`` of the subjects is held out. No subject is in both.
 
@@ -142,7 +142,7 @@ def split_subjects(inputs: StageInputs, phenotypes, held_out_fraction: float) ->
     dict
         ``train`` (n_train,) and ``held_out`` (n_held,) scan indices, ``method``, ``held_out_subjects``.
     """
-    subjects = np.array(inputs.subjects)
+    subjects, phenotypes = np.array(inputs.subjects), inputs.phenotypes
     if "split" in phenotypes.columns:
         train = set(phenotypes.loc[phenotypes["split"].astype(str) == "train", "subject_id"].astype(str))
         method = "phenotype column 'split' ('train' vs the rest)"
@@ -170,12 +170,9 @@ def _sha256(values: list[str]) -> str:
 # ----------------------------------------------------------------------------------------------- text side
 @dataclasses.dataclass
 class TextSide:
-    """What the frozen LLM contributes; computed once, after which the LLM is freed.
-
-    ``features`` (S, H) descriptor-text features per scan; ``pool`` (U, H) embeddings of the distinct English
-    training tokens and ``stream`` (L,) indices into it in running-text order (sampling the stream draws
-    tokens at their natural frequency); ``eval_tokens`` (m, H) embeddings of held-out English tokens.
-    """
+    """The frozen LLM's part: ``features`` (S, H) per scan; ``pool`` (U, H) embeddings of the distinct English
+    training tokens, ``stream`` (L,) indices into it in text order (drawn at natural frequency); ``eval_tokens``
+    (m, H) held-out English token embeddings."""
 
     features: Tensor
     pool: Tensor
@@ -335,32 +332,38 @@ def run_train_tokenizer(
     """
     out = _check_out(Path(out), resume, overwrite)
     inputs = load_inputs(cohort, descriptors)
-    with load_cohort(inputs.cohort) as opened:
-        split = split_subjects(inputs, opened.phenotypes, held_out_fraction)
+    split = split_subjects(inputs, held_out_fraction)
     train_cfg = stage_train_config(preset, train)
     build_config(preset, inputs, 8, overrides)  # a bad preset or override fails before the LLM is loaded
     text = encode_text_side(llm, inputs.texts, out / CACHE_DIR / "text_features.safetensors", text_pooling)
     config = build_config(preset, inputs, text.info["hidden_size"], overrides)
     run = {"cohort": str(inputs.cohort.resolve()), "descriptors": str(inputs.descriptors.resolve()), "llm": llm,
-           "text_pooling": text_pooling, "preset": str(preset), "tokenizer_config": config.to_dict(), "held_out_fraction": held_out_fraction,
-           "held_out_subjects": split["held_out_subjects"], "train_subjects_sha256": split["train_subjects_sha256"]}
-    set_seed(train_cfg.seed)  # same initial weights on every run and every process
-    tracker = ProgressTracker(FMRITokenizerForTraining(config, inputs.gradients))
-    dataset = ScanDataset(inputs.cohort, split["train"], text.features)
-    held = split["held_out"]
-
-    def eval_fn(module: ProgressTracker) -> dict[str, float]:
-        metrics = evaluate_tokenizer(module.model.tokenizer, inputs.cohort, held)
-        return {"val_reconstruction_r2": metrics["reconstruction_r2"] or 0.0, "val_codebook_usage": metrics["codebook_usage"]}
-
-    trainer = Trainer(tracker, dataset, train_cfg, out / TRAIN_DIR,
-                      collate_fn=EnglishTokenCollator(text.pool, text.stream, train_cfg.seed), eval_fn=eval_fn)
-    tracker.total_batches = trainer.batches_per_epoch * train_cfg.epochs
+           "text_pooling": text_pooling, "preset": str(preset), "tokenizer_config": config.to_dict(),
+           "held_out_fraction": held_out_fraction, "held_out_subjects": split["held_out_subjects"],
+           "train_subjects_sha256": split["train_subjects_sha256"]}
+    trainer, tracker = _make_trainer(config, train_cfg, inputs, split, text, out)
     _start_run(trainer, out, run, resume)
     trainer.fit(resume=resume)
     if not tracker.finished:
         return {"finished": False, "batches_done": int(tracker.batches_done), "total_batches": tracker.total_batches}
     return _finish(trainer, tracker.model, inputs, split, text, out, {**run, "train_config": train_cfg.to_dict()})
+
+
+def _make_trainer(config: TokenizerConfig, train_cfg: TrainConfig, inputs: StageInputs, split: dict,
+                  text: TextSide, out: Path) -> tuple[Trainer, ProgressTracker]:
+    set_seed(train_cfg.seed)  # the same initial weights on every run and every process
+    tracker = ProgressTracker(FMRITokenizerForTraining(config, inputs.gradients))
+    held = split["held_out"]
+
+    def eval_fn(module: ProgressTracker) -> dict[str, float]:  # cheap per-epoch check; the full eval is at the end
+        metrics = evaluate_tokenizer(module.model.tokenizer, inputs.cohort, held)
+        return {"val_reconstruction_r2": metrics["reconstruction_r2"] or 0.0,
+                "val_codebook_usage": metrics["codebook_usage"]}
+
+    trainer = Trainer(tracker, ScanDataset(inputs.cohort, split["train"], text.features), train_cfg, out / TRAIN_DIR,
+                      collate_fn=EnglishTokenCollator(text.pool, text.stream, train_cfg.seed), eval_fn=eval_fn)
+    tracker.total_batches = trainer.batches_per_epoch * train_cfg.epochs
+    return trainer, tracker
 
 
 def _check_out(out: Path, resume: bool, overwrite: bool) -> Path:
@@ -459,7 +462,8 @@ def run_tokenize(cohort: str | os.PathLike, tokenizer: str | os.PathLike, out_fi
                               "this atlas and length")
         scan_ids = [str(s) for s in opened.scans["scan_id"]]
         with torch.no_grad():
-            codes = [model.encode(x)[0].to(torch.int32) for x in scan_batches(opened, np.arange(len(opened)), batch_size)]
+            batches = scan_batches(opened, np.arange(len(opened)), batch_size)
+            codes = [model.encode(x)[0].to(torch.int32) for x in batches]
     metadata = {"scan_ids": json.dumps(scan_ids), "layout": "scans x patches x rois, time-major",
                 "tokenizer": str(Path(tokenizer).resolve()), "vocab_size": str(model.config.vocab_size)}
     _save_safetensors_atomic({"codes": torch.cat(codes).contiguous()}, out_file, metadata)
