@@ -7,11 +7,13 @@ line each.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import warnings
 from pathlib import Path
 
 from fmrilm import __version__
+from fmrilm.commands import MODULES
 from fmrilm.errors import FmrilmError, FmrilmWarning
 
 
@@ -276,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_add_prepare, _add_info, _add_describe, _add_check, _add_train_tokenizer, _add_tokenize, _add_align,
                 _add_describe_scan, _add_simulate, _add_sample, _add_demo, _add_env):
         add(sub)
+    for name in MODULES:
+        importlib.import_module(name).register(sub)
     return parser
 
 
