@@ -362,3 +362,10 @@ def test_standardize_scan_counts_rois_constant_in_any_window():
     assert len(windows) == 2 and qc["n_constant_rois"] == 2
     assert np.all(windows[1][:, 4] == 0) and np.any(windows[0][:, 4] != 0)
     assert np.all(windows[0][:, 7] == 0) and np.any(windows[1][:, 7] != 0)
+
+
+def test_resample_refuses_a_single_time_point():
+    from fmrilm.preprocess import resample
+
+    with pytest.raises(FmrilmError, match="1 time point"):
+        resample(np.ones((1, 4)), 0.72, 2.0)

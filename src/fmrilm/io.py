@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -14,8 +16,16 @@ from fmrilm.errors import FmrilmError
 
 
 def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse an existing output unless ``overwrite``; call before any work so a refusal costs nothing."""
+    """Refuse an existing output unless ``overwrite``; call before any work so a refusal costs nothing.
+
+    A run killed between the two renames that replace an output left the previous output aside: it is put back
+    first, so it is never lost.
+    """
     path = Path(path)
+    if not path.exists():
+        for old in _stale_siblings(path, "old"):
+            os.replace(old, path)
+            break
     if path.exists() and not overwrite:
         raise FmrilmError(f"output {path} already exists; choose another --out or pass --overwrite")
     if path.exists() and not path.is_dir():
@@ -27,11 +37,14 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
 def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside ``path`` that replaces ``path`` only when the block succeeds.
 
-    On any exception the temporary directory is removed and an existing ``path`` is left as it was.
+    On any exception the temporary directory is removed and an existing ``path`` is left as it was. A process
+    killed with SIGKILL cannot clean up: its temporary directory (named after this host and its pid) is removed
+    by the next run writing ``path`` once that process is gone.
     """
     path = check_output_dir(path, overwrite).absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    _remove_stale_siblings(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{_owner()}-", dir=path.parent))
     try:
         yield tmp
     except BaseException:
@@ -39,11 +52,39 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Itera
         raise
     old = None
     if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        old = path.with_name(f".{path.name}.old-{_owner()}-")
         os.replace(path, old)
     os.replace(tmp, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _owner() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _stale_siblings(path: Path, kind: str) -> list[Path]:
+    """``.<name>.<kind>-<host>-<pid>-*`` directories beside ``path`` left by ended processes of this host."""
+    if not path.parent.is_dir():
+        return []
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.{kind}-{re.escape(socket.gethostname())}-(\d+)-")
+    matches = ((p, pattern.match(p.name)) for p in path.parent.iterdir())
+    return [p for p, match in matches if match and p.is_dir() and not _alive(int(match.group(1)))]
+
+
+def _remove_stale_siblings(path: Path) -> None:
+    for stale in _stale_siblings(path, "tmp") + _stale_siblings(path, "old"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def write_json_atomic(path: str | os.PathLike, obj: object) -> None:

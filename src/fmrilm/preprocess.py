@@ -123,6 +123,9 @@ def resample(x: np.ndarray, tr_in: float, tr_out: float = TARGET_TR) -> np.ndarr
     _check_tr(tr_out, "tr_out")
     x = _check_2d(x).astype(np.float64)  # always a copy
     n_in = x.shape[0]
+    if n_in < 2 and tr_in != tr_out:  # scipy's resampler dies with SIGFPE on one sample
+        raise FmrilmError(f"cannot resample a scan of {n_in} time point(s) from TR {tr_in} s to {tr_out} s; "
+                          "a scan needs at least 2 time points")
     n_out = int(math.floor(n_in * tr_in / tr_out + 0.5))
     ratio = Fraction(tr_in / tr_out).limit_denominator(_MAX_DENOMINATOR)
     up, down = ratio.numerator, ratio.denominator

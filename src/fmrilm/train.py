@@ -15,6 +15,12 @@ process at batch B*P sees (the last, short, micro-batch is split as evenly as po
 ``gradient_accumulation`` micro-batches. The lr schedule spans ``epochs``, never ``max_steps``, so stopping early
 and resuming change nothing.
 
+Checkpoints keep what training changes (:func:`checkpoint_state`): the parameters with ``requires_grad`` and the
+persistent buffers (running statistics, codebooks), each shared tensor once. A frozen LLM is not copied into every
+checkpoint (SmolLM2-135M with LoRA: 572 MB -> 34 MB, 23 MB of it AdamW's moments): on resume the stage builds the
+model again from its base weights and the checkpoint is loaded over it. ``trainer_state.json`` holds a sha256 of
+the frozen tensors, so a model rebuilt from other base weights (or another seed) is refused, not resumed.
+
 Resume. ``fit(resume=True)`` checks the newest checkpoint against its checksums (a damaged file is an error naming
 the directory to delete, never a silent fall-back to an older checkpoint), restores weights, optimizer, scheduler,
 every process's RNG and the running loss means, and skips the micro-batches of the current epoch already done: the
@@ -27,7 +33,7 @@ Layout of ``out_dir``::
     metrics.jsonl                      a JSON line per log step and per epoch end ("event": "epoch")
     tensorboard/                       only when tensorboard is installed
     checkpoints/step-00000120/         built in a temporary directory, then renamed; newest keep_checkpoints kept
-        model.safetensors optimizer.pt scheduler.pt rng.pt trainer_state.json checksums.json
+        model.safetensors (trainable + buffers) optimizer.pt scheduler.pt rng.pt trainer_state.json checksums.json
 
 Launch. One process: ``python -m fmrilm.cli ...``. Several processes (DDP; gloo on CPU, NCCL on GPUs):
 ``accelerate launch --multi_gpu --num_processes 2 -m fmrilm.cli ...``, or ``torchrun --nproc_per_node 2 -m
@@ -40,6 +46,7 @@ SLURM: one launcher per node (srun) with ``--num_machines $SLURM_NNODES --machin
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import hashlib
@@ -59,7 +66,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list, gather_object, send_to_device
 from accelerate.utils import set_seed as _accelerate_set_seed
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_file
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
@@ -218,6 +225,55 @@ def _load(path: Path) -> Any:
     return torch.load(path, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
 
 
+def _changing(model: torch.nn.Module) -> set[str]:
+    """Names (every alias) of the parameters with requires_grad and of the buffers."""
+    names = {name for name, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+    return names | {name for name, _ in model.named_buffers(remove_duplicate=False)}
+
+
+def checkpoint_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint keeps: trainable parameters and persistent buffers, by state-dict name.
+
+    Frozen parameters are left out (the model is rebuilt from its base weights on resume); a tensor shared by
+    several names (tied weights) is kept under its first name. Tensors are detached, on the CPU, and own their
+    memory (safetensors refuses views into a larger storage).
+    """
+    changing, kept, seen = _changing(model), {}, set()
+    for name, tensor in model.state_dict().items():
+        key = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if name not in changing or (tensor.numel() and key in seen):
+            continue
+        seen.add(key)
+        tensor = tensor.detach().cpu().contiguous()
+        owns = tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+        kept[name] = tensor if owns else tensor.clone()
+    return kept
+
+
+def frozen_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of the frozen parameters (those checkpoints leave out)."""
+    changing, digest = _changing(model), hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        if name in changing:
+            continue
+        tensor = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.view(torch.uint8).numpy())  # the buffer itself, no copy
+    return digest.hexdigest()
+
+
+def _load_weights(model: torch.nn.Module, path: Path, fix: str) -> None:
+    """Load a checkpoint's tensors over a freshly built model; every trainable tensor must be in the file.
+    A checkpoint holding the whole model (written before checkpoints were trimmed) loads too."""
+    state, known = load_file(str(path)), model.state_dict().keys()
+    missing = sorted(set(checkpoint_state(model)) - set(state))
+    unknown = sorted(set(state) - set(known))
+    if missing or unknown:
+        raise FmrilmError(f"checkpoint {path} does not fit the model (missing {missing[:3]}, unknown "
+                          f"{unknown[:3]}); {fix}")
+    model.load_state_dict(state, strict=False)
+
+
 def _rng_state() -> dict[str, Any]:
     # NumPy's key array becomes a tensor so that torch.load(weights_only=True) accepts the file
     name, keys, pos, has_gauss, cached = np.random.get_state()
@@ -313,11 +369,18 @@ def _make_accelerator(config: TrainConfig) -> Accelerator:
     # without cpu=True a torchrun-launched CPU-only job would run as independent single processes
     cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
     accelerator = Accelerator(mixed_precision="bf16" if config.precision == "bf16" else "no", cpu=cpu)
+    if accelerator.num_processes > 1:  # gloo/NCCL threads alive at interpreter exit abort the process
+        atexit.register(_destroy_process_group)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
         raise FmrilmError(f"the launcher started {launched} processes (WORLD_SIZE) but Accelerate joined "
                           f"{accelerator.num_processes}; use device='cpu' or 'auto' for CPU training")
     return accelerator
+
+
+def _destroy_process_group() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 class Trainer:
@@ -365,6 +428,7 @@ class Trainer:
         self._meters = {"log": _Mean(), "epoch": _Mean()}
         self._last_metrics: dict[str, Any] = {}
         self._writer: Any = None
+        self._frozen: str | None = None
 
     @property
     def unwrapped_model(self) -> torch.nn.Module:
@@ -419,7 +483,9 @@ class Trainer:
         verify_checkpoint(ckpt)
         state = json.loads((ckpt / "trainer_state.json").read_text())
         self._check_resumable(state, ckpt)
-        load_model(self.unwrapped_model, ckpt / "model.safetensors")  # read on CPU, copied to the parameters
+        fix = "resume with the model (and the trainable parameters) the interrupted run was started with"
+        _load_weights(self.unwrapped_model, ckpt / "model.safetensors", fix)  # read on CPU, copied to the model
+        self._check_frozen(state, ckpt)
         self.optimizer.load_state_dict(_load(ckpt / "optimizer.pt"))
         self.scheduler.load_state_dict(_load(ckpt / "scheduler.pt"))
         _set_rng_state(_load(ckpt / "rng.pt")[self.accelerator.process_index])
@@ -441,6 +507,18 @@ class Trainer:
         if old != new:
             raise FmrilmError(f"cannot resume from {ckpt}: it was trained on {old} processes but this run has "
                               f"{new}; launch with --num_processes {old}")
+
+    def _check_frozen(self, state: Mapping[str, Any], ckpt: Path) -> None:
+        saved = state.get("frozen_sha256")  # absent in checkpoints that held the whole model
+        if saved is not None and saved != self._frozen_sha256():
+            raise FmrilmError(f"cannot resume from {ckpt}: the model's frozen weights (or which parameters are "
+                              "frozen) differ from the interrupted run's; build the model from the same base "
+                              "weights, seed and trainable parameters")
+
+    def _frozen_sha256(self) -> str:
+        if self._frozen is None:  # frozen tensors never change: hash them once per run
+            self._frozen = frozen_fingerprint(self.unwrapped_model)
+        return self._frozen
 
     def _run_epoch(self, bar: tqdm) -> None:
         cfg, pos = self.config, self._pos
@@ -543,9 +621,9 @@ class Trainer:
         final = self.out_dir / "checkpoints" / f"step-{pos.step:08d}"
         state = {"step": pos.step, "epoch": pos.epoch, "batch_in_epoch": pos.batch,
                  "num_processes": self.accelerator.num_processes, "config": self.config.to_dict(),
-                 "meters": meters, "last_metrics": self._last_metrics}
+                 "meters": meters, "last_metrics": self._last_metrics, "frozen_sha256": self._frozen_sha256()}
         with atomic_output_dir(final, overwrite=True) as tmp:
-            save_model(self.unwrapped_model, str(tmp / "model.safetensors"))  # drops tied duplicates
+            save_file(checkpoint_state(self.unwrapped_model), str(tmp / "model.safetensors"))
             torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
             torch.save(rng, tmp / "rng.pt")

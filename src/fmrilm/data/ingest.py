@@ -11,7 +11,8 @@ from fmrilm.data.atlas import Atlas, load_atlas
 from fmrilm.data.cohort import Cohort
 from fmrilm.data.phenotypes import read_phenotypes
 from fmrilm.data.prepare import prepare_cohort
-from fmrilm.data.readers import timeseries_sources
+from fmrilm.data.readers import read_csv_table, timeseries_sources
+from fmrilm.data.sources import check_identifier
 from fmrilm.errors import FmrilmError
 from fmrilm.io import check_output_dir
 from fmrilm.preprocess import PreprocessConfig
@@ -22,9 +23,16 @@ def read_scan_table(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise FmrilmError(f"--scan-table {path}: file does not exist")
-    table = pd.read_csv(path, sep="\t" if path.suffix.lower() == ".tsv" else ",", dtype=str)
+    table = read_csv_table(path, f"--scan-table {path}", sep="\t" if path.suffix.lower() == ".tsv" else ",", dtype=str)
     if "scan_id" not in table.columns:
-        raise FmrilmError(f"--scan-table {path}: no scan_id column (columns: {', '.join(table.columns[:8])})")
+        raise FmrilmError(f"--scan-table {path}: no scan_id column (columns: {', '.join(map(str, table.columns[:8]))})")
+    if table["scan_id"].isna().any():
+        raise FmrilmError(f"--scan-table {path}: row {int(table['scan_id'].isna().to_numpy().argmax()) + 1} has no scan_id; fill it in")
+    duplicated = table["scan_id"][table["scan_id"].duplicated()]
+    if len(duplicated):
+        raise FmrilmError(f"--scan-table {path}: scan {duplicated.iloc[0]!r} appears more than once; keep one row per scan")
+    for scan in table["scan_id"]:
+        check_identifier(scan, f"--scan-table {path}: scan")
     if "tr" in table.columns:
         tr = pd.to_numeric(table["tr"], errors="coerce")
         if (tr.isna() & table["tr"].notna()).any():

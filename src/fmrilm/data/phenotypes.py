@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fmrilm.data.readers import read_csv_table
+from fmrilm.data.sources import check_identifier
 from fmrilm.errors import FmrilmError, FmrilmWarning
 
 RECOGNISED = ("sex", "age", "site", "dataset", "diagnosis", "fluid_intelligence")
@@ -76,10 +78,7 @@ def read_phenotypes(path: str | Path, sex_coding: str | None = None) -> pd.DataF
     if not path.is_file():
         raise FmrilmError(f"--phenotypes {path}: file does not exist")
     sep = "\t" if path.suffix.lower() in (".tsv", ".txt") else ","
-    try:
-        table = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=True, na_values=["n/a", "NA", ""])
-    except (pd.errors.EmptyDataError, pd.errors.ParserError) as exc:
-        raise FmrilmError(f"--phenotypes {path}: not a readable {sep!r}-separated table ({str(exc)[:60]})") from None
+    table = read_csv_table(path, f"--phenotypes {path}", sep=sep, dtype=str, keep_default_na=True, na_values=["n/a", "NA", ""])
     return normalise_phenotypes(table, str(path), parse_sex_coding(sex_coding))
 
 
@@ -87,7 +86,12 @@ def normalise_phenotypes(table: pd.DataFrame, source: str, sex_coding: dict[str,
     """Key the table by ``subject_id`` and normalise the recognised columns (see module docstring)."""
     table = table.copy()
     key = _key_column(table, source)
+    missing = table[key].isna()
+    if missing.any():
+        raise FmrilmError(f"{source}: row {int(missing.to_numpy().argmax()) + 1} has no {key}; fill it in or remove the row")
     table.insert(0, "subject_id", table.pop(key).map(bare_subject_id).astype("string"))
+    for subject in table["subject_id"]:
+        check_identifier(subject, f"{source}: subject")
     duplicated = table["subject_id"][table["subject_id"].duplicated()]
     if len(duplicated):
         raise FmrilmError(f"{source}: subject {duplicated.iloc[0]!r} appears {int((table['subject_id'] == duplicated.iloc[0]).sum())} times; keep one row per subject")
@@ -103,11 +107,12 @@ def normalise_phenotypes(table: pd.DataFrame, source: str, sex_coding: dict[str,
 
 
 def _numeric(values: pd.Series, column: str, source: str) -> pd.Series:
-    numbers = pd.to_numeric(values, errors="coerce")
-    bad = numbers.isna() & values.notna()
-    if bad.any():
-        raise FmrilmError(f"{source}: column {column!r} has non-numeric value {values[bad].iloc[0]!r}; use numbers or leave empty")
-    return numbers.astype(np.float64)
+    numbers = pd.to_numeric(values, errors="coerce").astype(np.float64)
+    for bad, what in ((numbers.isna() & values.notna(), "non-numeric"), (np.isinf(numbers), "infinite")):
+        if bad.any():
+            raise FmrilmError(f"{source}: column {column!r} has {what} value {values[bad].iloc[0]!r}; "
+                              "use finite numbers or leave empty")
+    return numbers
 
 
 def report_unmatched(scan_subjects: set[str], phenotype_subjects: set[str]) -> dict[str, int]:

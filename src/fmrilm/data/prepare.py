@@ -20,8 +20,8 @@ from fmrilm.constants import META_FILE, TIMESERIES_FILE
 from fmrilm.data.atlas import Atlas
 from fmrilm.data.cohort import Cohort, TimeseriesWriter, load_cohort, write_tables
 from fmrilm.data.phenotypes import report_unmatched
-from fmrilm.data.readers import check_finite
-from fmrilm.data.sources import ScanSource
+from fmrilm.data.readers import check_scan
+from fmrilm.data.sources import ScanSource, check_identifier
 from fmrilm.errors import FmrilmError, FmrilmWarning
 from fmrilm.io import atomic_output_dir, check_output_dir, write_json_atomic
 from fmrilm.preprocess import PreprocessConfig, SiteVarianceNormalizer, standardize_scan
@@ -68,7 +68,10 @@ def resolve_scan_info(
     }
 
 
-def _check_unique(sources: list[ScanSource]) -> None:
+def _check_ids(sources: list[ScanSource]) -> None:
+    for source in sources:
+        check_identifier(source.scan_id, f"{source.path}: scan")
+        check_identifier(source.subject_id, f"{source.path}: subject")
     ids = pd.Series([s.scan_id for s in sources])
     if ids.duplicated().any():
         dup = ids[ids.duplicated()].iloc[0]
@@ -83,10 +86,7 @@ def _load_checked(source: ScanSource, n_rois: int) -> np.ndarray:
         if isinstance(exc, FmrilmError):
             raise
         raise FmrilmError(f"{source.path}: cannot be read ({exc.__class__.__name__}: {str(exc)[:80]})") from None
-    if x.ndim != 2 or x.shape[1] != n_rois:
-        raise FmrilmError(f"{source.path}: shape {x.shape} does not match the atlas's {n_rois} ROIs")
-    check_finite(x, source.path)
-    return x
+    return check_scan(x, n_rois, source.path)
 
 
 def _standardize_all(sources, infos, atlas, config, writer, normaliser, train_subjects, skip_bad):
@@ -111,18 +111,31 @@ def _standardize_all(sources, infos, atlas, config, writer, normaliser, train_su
 
 def _standardize(x: np.ndarray, tr: float, config: PreprocessConfig, path: Path) -> tuple[list[np.ndarray], dict]:
     try:
-        return standardize_scan(x, tr, config)
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is refused just below, with the file named
+            windows, qc = standardize_scan(x, tr, config)
     except FmrilmError as exc:
         raise FmrilmError(f"{path}: {exc}") from None
+    for window in windows:
+        _check_stored(window, path)
+    return windows, qc
+
+
+def _check_stored(window: np.ndarray, path: Path | str) -> None:
+    if not np.isfinite(window).all():
+        raise FmrilmError(f"{path}: values too extreme to standardize (they overflow float32); "
+                          "remove outliers or rescale the time series")
 
 
 def _qc_columns(qc: dict) -> dict:
     return {f"qc_{key}": value for key, value in qc.items()}
 
 
-def _normalise_sites(dataset, sites: list[str], normaliser: SiteVarianceNormalizer) -> None:
-    for index, site in enumerate(tqdm(sites, desc="site variance", unit="scan", disable=None)):
-        dataset[index] = normaliser.transform(dataset[index], site).astype(np.float32)
+def _normalise_sites(dataset, rows: list[dict], normaliser: SiteVarianceNormalizer) -> None:
+    for index, row in enumerate(tqdm(rows, desc="site variance", unit="scan", disable=None)):
+        with np.errstate(over="ignore", invalid="ignore"):
+            window = normaliser.transform(dataset[index], row["site"]).astype(np.float32)
+        _check_stored(window, row["source_file"])
+        dataset[index] = window
 
 
 def _train_subjects(phenotypes: pd.DataFrame | None) -> set[str] | None:
@@ -171,7 +184,7 @@ def prepare_cohort(
     check_output_dir(out, overwrite)
     if not sources:
         raise FmrilmError("no scans to prepare; check the input folder or file list")
-    _check_unique(sources)
+    _check_ids(sources)
     infos = [resolve_scan_info(s, phenotypes, scan_table, tr, dataset) for s in sources]
     normaliser = SiteVarianceNormalizer() if config.site_variance else None
     with atomic_output_dir(out, overwrite) as tmp:
@@ -182,7 +195,7 @@ def prepare_cohort(
                 raise FmrilmError(f"every scan failed validation (first: {skipped[0]['reason']})")
             if normaliser is not None:
                 normaliser.finalize()
-                _normalise_sites(writer.dataset, [r["site"] for r in rows], normaliser)
+                _normalise_sites(writer.dataset, rows, normaliser)
         finally:
             writer.close()
         scans = pd.DataFrame(rows)
@@ -228,11 +241,10 @@ def standardize_new_scan(x: np.ndarray, tr: float, meta: dict, site: str | None 
     Returns the list of (length, N) float32 windows (one unless the cohort was cut into all windows).
     """
     config = PreprocessConfig.from_dict(meta["preprocess"])
-    if x.ndim != 2 or x.shape[1] != meta["n_rois"]:
-        raise FmrilmError(f"scan of shape {x.shape} does not match the cohort's {meta['n_rois']} ROIs")
-    check_finite(x, "scan")
-    windows, _ = standardize_scan(np.asarray(x, dtype=np.float64), tr, config)
+    windows, _ = _standardize(check_scan(x, meta["n_rois"], "scan"), tr, config, "scan")
     if meta.get("site_normaliser"):
         normaliser = SiteVarianceNormalizer.from_dict(meta["site_normaliser"])
         windows = [normaliser.transform(w, site).astype(np.float32) for w in windows]
+        for window in windows:
+            _check_stored(window, "scan")
     return windows

@@ -53,25 +53,36 @@ def _read_npy(path: Path) -> np.ndarray:
         array = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
         raise FmrilmError(f"{path}: not a readable .npy array ({exc}); re-save it with numpy.save") from None
-    if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
+    if not _real_numeric(array):
         raise FmrilmError(f"{path}: array dtype {array.dtype} is not real numeric; save float values")
     return array.astype(np.float64)
 
 
+def read_csv_table(path: Path, what: str, **kwargs) -> pd.DataFrame:
+    """``pandas.read_csv(path, **kwargs)`` with an empty file, ragged rows or text that is not UTF-8 refused in
+    one line that starts with ``what`` (the option or file the table came from)."""
+    try:
+        table = pd.read_csv(path, **kwargs)
+    except pd.errors.EmptyDataError:
+        raise FmrilmError(f"{what}: file holds no values; remove it or fill it in") from None
+    except pd.errors.ParserError as exc:
+        raise FmrilmError(f"{what}: rows have different numbers of columns ({str(exc).strip()[:80]})") from None
+    except UnicodeDecodeError as exc:
+        raise FmrilmError(f"{what}: not UTF-8 text ({exc.reason} at byte {exc.start}); re-save it as UTF-8 text") from None
+    if not isinstance(table.index, pd.RangeIndex):  # pandas turns the first column into an index when rows are longer
+        raise FmrilmError(f"{what}: data rows have more fields than the header row; check the separator and quoting")
+    return table
+
+
 def _read_text(path: Path, ext: str) -> np.ndarray:
     sep = {".csv": ",", ".tsv": "\t"}.get(ext, r"\s+")
-    try:
-        table = pd.read_csv(path, sep=sep, header=None, comment="#", dtype=str, na_filter=False)
-    except pd.errors.EmptyDataError:
-        raise FmrilmError(f"{path}: file holds no values; remove it or replace it with the scan's time series") from None
-    except pd.errors.ParserError as exc:
-        raise FmrilmError(f"{path}: rows have different numbers of columns ({str(exc).strip()[:80]})") from None
+    table = read_csv_table(path, str(path), sep=sep, header=None, comment="#", dtype=str, na_filter=False)
     table = table.fillna("").apply(lambda column: column.str.strip())
     numeric = table.apply(pd.to_numeric, errors="coerce")
-    if numeric.iloc[0].isna().all() and len(table) > 1:  # a header row of ROI names
-        table, numeric = table.iloc[1:], numeric.iloc[1:]
     # "nan" cells are numbers (check_finite reports them later); anything else that failed to parse is not.
     bad = (numeric.isna() & (table.apply(lambda column: column.str.lower()) != "nan")).to_numpy()
+    if bad[0].all() and len(table) > 1:  # a header row of ROI names (a row of "nan" values is data)
+        table, numeric, bad = table.iloc[1:], numeric.iloc[1:], bad[1:]
     if bad.any():
         row, col = np.argwhere(bad)[0]
         cell = table.iat[row, col]
@@ -83,12 +94,13 @@ def _read_text(path: Path, ext: str) -> np.ndarray:
 def _read_mat(path: Path, mat_key: str | None) -> np.ndarray:
     variables = _mat_variables(path)
     candidates = {
-        k: v for k, v in variables.items()
-        if np.ndim(v) == 2 and np.size(v) > 1 and np.issubdtype(np.asarray(v).dtype, np.number)
+        k: v for k, v in variables.items() if np.ndim(v) == 2 and np.size(v) > 1 and _real_numeric(v)
     }  # MATLAB stores scalars as 1 x 1 matrices: not candidates
     if mat_key is not None:
         if mat_key not in variables:
             raise FmrilmError(f"{path}: no variable {mat_key!r}; it holds {', '.join(variables) or 'nothing'} (--mat-key)")
+        if not _real_numeric(variables[mat_key]):
+            raise FmrilmError(f"{path}: variable {mat_key!r} is not a real numeric matrix; save the time series as doubles")
         return np.asarray(variables[mat_key], dtype=np.float64)
     if len(candidates) != 1:
         raise FmrilmError(
@@ -98,19 +110,31 @@ def _read_mat(path: Path, mat_key: str | None) -> np.ndarray:
     return np.asarray(next(iter(candidates.values())), dtype=np.float64)
 
 
+def _real_numeric(value: object) -> bool:
+    dtype = np.asarray(value).dtype
+    return np.issubdtype(dtype, np.number) and not np.issubdtype(dtype, np.complexfloating)
+
+
 def _mat_variables(path: Path) -> dict:
     import scipy.io
 
     try:
         return {k: v for k, v in scipy.io.loadmat(path).items() if not k.startswith("__")}
     except NotImplementedError:  # MATLAB v7.3 files are HDF5
-        import h5py
+        return _mat_v73_variables(path)
+    except Exception as exc:  # scipy's parser raises many types (MatReadError, IndexError...) on damaged files
+        raise FmrilmError(f"{path}: not a readable MATLAB file ({type(exc).__name__}: {str(exc)[:80]})") from None
 
+
+def _mat_v73_variables(path: Path) -> dict:
+    import h5py
+
+    try:
         with h5py.File(path, "r") as handle:
             # MATLAB stores arrays column-major: transpose back to the shape MATLAB shows.
             return {k: np.asarray(v).T for k, v in handle.items() if isinstance(v, h5py.Dataset)}
-    except (ValueError, OSError, TypeError) as exc:
-        raise FmrilmError(f"{path}: not a readable MATLAB file ({str(exc)[:80]})") from None
+    except Exception as exc:  # a damaged HDF5 body raises OSError, KeyError or RuntimeError depending on the damage
+        raise FmrilmError(f"{path}: not a readable MATLAB v7.3 file ({type(exc).__name__}: {str(exc)[:80]})") from None
 
 
 def orient(matrix: np.ndarray, n_rois: int, orientation: str, path: Path | str) -> np.ndarray:
@@ -137,6 +161,17 @@ def orient(matrix: np.ndarray, n_rois: int, orientation: str, path: Path | str) 
         f"{path}: {cols} ROI columns but the atlas has {n_rois} ROIs (shape {matrix.shape}); "
         "choose the matching --atlas or pass --transpose if time runs along columns"
     )
+
+
+def check_scan(x: np.ndarray, n_rois: int, path: Path | str) -> np.ndarray:
+    """Return ``x`` as a float64 (T, N) scan, refusing another ROI count, fewer than 2 time points or NaN/Inf."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2 or x.shape[1] != n_rois:
+        raise FmrilmError(f"{path}: shape {x.shape} does not match the atlas's {n_rois} ROIs")
+    if len(x) < 2:  # resampling a single time point crashes scipy's polyphase filter (SIGFPE)
+        raise FmrilmError(f"{path}: {len(x)} time point, a scan needs a time series; remove the file or fix its orientation")
+    check_finite(x, path)
+    return x
 
 
 def check_finite(x: np.ndarray, path: Path | str) -> None:

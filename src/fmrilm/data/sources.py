@@ -7,11 +7,16 @@ never holds more than one scan.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+from fmrilm.errors import FmrilmError
+
+_UNSAFE_ID = re.compile(r"[/\\\x00-\x1f\x7f]")  # path separators and control characters
 
 
 @dataclass
@@ -40,3 +45,16 @@ class ScanSource:
     load: Callable[[], np.ndarray]
     tr: float | None = None
     extra: dict = field(default_factory=dict)
+
+
+def check_identifier(value: str, what: str) -> str:
+    """Return ``value`` if it is safe as a subject or scan id, else refuse it in one line starting with ``what``.
+
+    Ids travel to tables, texts and, in tools built on fmrilm, file names: an empty id, ``.``/``..``, a path
+    separator or a control character could address another file (path traversal), so they are refused.
+    """
+    text = str(value)
+    if text.strip() in ("", ".", "..") or _UNSAFE_ID.search(text):
+        raise FmrilmError(f"{what}: id {text!r} is empty, '.'/'..' or holds a path separator or control character; "
+                          "use letters, digits, '-' and '_'")
+    return text
