@@ -192,6 +192,11 @@ def _hints(text: dict, short: bool) -> tuple[str, ...]:
     return tuple(h.format(**_options(answers)) for h in (SHORT_HINTS if short else HINTS))
 
 
+def answer_hint(task: str | TaskSpec) -> str:
+    """The first answer hint the training paraphrases append to a question, e.g. "Answer with male or female."."""
+    return _hints(resolve(task)[1], short=False)[0]
+
+
 # ------------------------------------------------------------------------------------------ paraphrases
 def paraphrases(task: str | TaskSpec, paradigm: str, limit: int | None = None) -> list[str]:
     """Distinct paraphrases of a task for one paradigm, in a fixed order.

@@ -350,12 +350,14 @@ def _held_out(cache: TokenCache, split: dict, targets: list[str], columns: list[
                    [scan_ids[i] for i in held])
 
 
-def _check_out(out: Path, resume: bool, overwrite: bool) -> Path:
-    """Refuse a finished model (unless overwrite) and an unfinished run not resumed; before any work."""
+def _check_out(out: Path, resume: bool, overwrite: bool, *, marker: str = META_FILE,
+               owned: Sequence[str] = _OWNED, what: str = "an aligned fMRI-LM") -> Path:
+    """Refuse a finished model (unless overwrite) and an unfinished run not resumed; before any work.
+    ``marker`` (written last) marks a finished run, ``owned`` lists the stage's outputs (Stage 3 reuses this)."""
     if out.exists() and not out.is_dir():
         raise FmrilmError(f"output {out} exists and is not a directory; choose another --out")
-    if (out / META_FILE).exists() and not overwrite:
-        raise FmrilmError(f"{out} already holds an aligned fMRI-LM; pass --overwrite to replace it or choose "
+    if (out / marker).exists() and not overwrite:
+        raise FmrilmError(f"{out} already holds {what}; pass --overwrite to replace it or choose "
                           "another --out")
     has_checkpoints = any((out / TRAIN_DIR / "checkpoints").glob("step-*"))
     if has_checkpoints and not resume and not overwrite:
@@ -364,7 +366,7 @@ def _check_out(out: Path, resume: bool, overwrite: bool) -> Path:
     if resume and not has_checkpoints:
         raise FmrilmError(f"--resume given but {out / TRAIN_DIR / 'checkpoints'} holds no checkpoint; run without "
                           "--resume to start")
-    foreign = out.is_dir() and any(p.name not in (*_OWNED, CACHE_DIR) and not p.name.startswith(".")
+    foreign = out.is_dir() and any(p.name not in (*owned, CACHE_DIR) and not p.name.startswith(".")
                                    for p in out.iterdir())
     if foreign and not overwrite:
         raise FmrilmError(f"output {out} already exists and holds other files; choose another --out or pass "
@@ -404,7 +406,7 @@ def _warn_split_mismatch(tokenizer: Path, split: dict) -> None:
                           "may include subjects the tokenizer trained on", FmrilmWarning, stacklevel=3)
 
 
-def _start_run(trainer: Trainer, out: Path, run: dict, resume: bool) -> None:
+def _start_run(trainer: Trainer, out: Path, run: dict, resume: bool, owned: Sequence[str] = _OWNED) -> None:
     """Fresh run: clear this stage's old outputs (the cache stays). Resume: the settings must be the run's."""
     if trainer.accelerator.is_main_process:
         if resume:
@@ -414,7 +416,7 @@ def _start_run(trainer: Trainer, out: Path, run: dict, resume: bool) -> None:
                 raise FmrilmError(f"cannot resume {out}: {', '.join(changed)} differ from the interrupted run; use "
                                   "the run's settings (see run.json) or start a new --out")
         else:
-            for name in _OWNED:
+            for name in owned:
                 path = out / name
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
             out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,132 @@
+"""Stage 3 quality on this CPU, end to end through the command line: the figures of issue #6's closing note.
+
+Usage::
+
+    .venv/bin/python benchmarks/bench_stage3.py --out /tmp/stage3 [--subjects 120] [--tokenizer random|quick]
+        [--instruct-epochs 2] [--shots 0 2 4 10] [--fewshot-seeds 2] [--budget-steps 5]
+
+Steps (each a ``fmrilm`` subcommand run in this process, timed): simulate a ``ukb`` cohort at 116 ROIs
+(``schaefer100_tian_s1``), prepare, describe, Stage 1 (``--tokenizer quick``: ``train-tokenizer --preset quick
+--llm smollm2-135m``; ``random``: an untrained tokenizer whose codebook is k-means initialised, P = 80), Stage 2
+``align`` (SmolLM2-135M + LoRA, the stage's quick settings), Stage 3 ``instruct`` on sex and fluid-intelligence
+level (single + multi paradigms), then ``evaluate``:
+
+* single vs multi: held-out sex accuracy with held-out paraphrases, on the instruct run's test subjects;
+* the same test subjects for FC + logistic regression (``fc_logreg`` baseline) and the simulation's oracle;
+* few-shot: a task the model never trained on (``age`` as its bins, new task same cohort) with 0, 2, 4, 10 shots.
+
+Prints one JSON summary (and writes it to ``OUT/summary.json``). Uses bf16 where the CPU has it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+ATLAS = "schaefer100_tian_s1"
+
+
+def _run(argv: list[str], times: dict, name: str) -> None:
+    from fmrilm.cli import main
+
+    start = time.perf_counter()
+    code = main(argv)
+    times[name] = round(time.perf_counter() - start, 1)
+    print(f"[{name}] exit {code} in {times[name]} s", flush=True)
+    if code != 0:
+        raise SystemExit(f"step {name} failed: fmrilm {' '.join(argv)}")
+
+
+def _random_tokenizer(out: Path, cohort: Path) -> None:
+    from fmrilm.data.cohort import load_cohort
+    from fmrilm.tokenizer import FMRITokenizer, load_preset
+
+    torch.manual_seed(0)
+    config = load_preset("tiny", n_rois=116, length=160, patch_size=80, codebook_size=64, codebook_dim=8)
+    tokenizer = FMRITokenizer(config).train()
+    with load_cohort(cohort) as opened:
+        tokenizer({"x": torch.from_numpy(opened.timeseries[:8])})  # k-means initialises the codebook
+    tokenizer.eval().save_pretrained(out)
+
+
+def _rows(path: Path) -> list[dict]:
+    return json.loads((path / "results.json").read_text())["rows"]
+
+
+def _pick(rows: list[dict], task: str, metric: str = "accuracy") -> dict:
+    return {f"{r['setting']}/{r['shots']}": round(r["mean"], 3) if r["mean"] is not None else None
+            for r in rows if r["task"] == task and r["metric"] == metric}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--subjects", type=int, default=120)
+    p.add_argument("--tokenizer", choices=("random", "quick"), default="random")
+    p.add_argument("--instruct-epochs", type=int, default=2)
+    p.add_argument("--shots", type=int, nargs="+", default=[0, 2, 4, 10])
+    p.add_argument("--fewshot-seeds", type=int, default=2)
+    p.add_argument("--budget-steps", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    out, times = args.out, {}
+    bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+    train = ["--precision", "bf16"] if bf16 else []
+    raw, cohort, desc, tok, lm, inst = (out / n for n in ("raw", "cohort", "desc", "tok", "lm", "inst"))
+    _run(["simulate", "--preset", "ukb", "--subjects", str(args.subjects), "--atlas", ATLAS, "--out", str(raw),
+          "--overwrite"], times, "simulate")
+    _run(["prepare", "--timeseries", str(raw / "timeseries"), "--phenotypes", str(raw / "participants.tsv"),
+          "--atlas", ATLAS, "--out", str(cohort), "--overwrite"], times, "prepare")
+    _run(["describe", str(cohort), "--out", str(desc), "--jobs", "2", "--overwrite"], times, "describe")
+    if args.tokenizer == "quick":
+        _run(["train-tokenizer", str(cohort), "--descriptors", str(desc), "--out", str(tok), "--preset", "quick",
+              "--llm", "smollm2-135m", "--overwrite", *train], times, "train-tokenizer")
+    else:
+        start = time.perf_counter()
+        _random_tokenizer(tok, cohort)
+        times["random-tokenizer"] = round(time.perf_counter() - start, 1)
+    _run(["align", str(cohort), "--tokenizer", str(tok), "--descriptors", str(desc), "--llm", "smollm2-135m",
+          "--out", str(lm), "--overwrite", *train], times, "align")
+    _run(["instruct", str(cohort), "--model", str(lm), "--tasks", "sex", "fluid_intelligence_level",
+          "--paradigms", "single", "multi", "--epochs", str(args.instruct_epochs), "--out", str(inst), "--overwrite",
+          *train], times, "instruct")
+    tasks = ["sex", "fluid_intelligence_level"]
+    for paradigm in ("single", "multi"):
+        _run(["evaluate", "--model", str(inst), "--cohort", str(cohort), "--tasks", *tasks, "--paradigm", paradigm,
+              "--out", str(out / f"eval_{paradigm}"), "--overwrite"], times, f"evaluate-{paradigm}")
+    _run(["evaluate", "--model", str(inst), "--cohort", str(cohort), "--tasks", "age_group", "--shots",
+          *map(str, args.shots), "--seeds", *map(str, range(args.fewshot_seeds)), "--budget-steps",
+          str(args.budget_steps), "--out", str(out / "eval_fewshot"), "--overwrite"], times, "evaluate-fewshot")
+    print(json.dumps(summarize(out, times), indent=1))
+
+
+def summarize(out: Path, times: dict) -> dict:
+    """Sex accuracy of fMRI-LM (single, multi), FC + logistic regression and the oracle on the same subjects."""
+    from fmrilm.evaluate.baselines import run_baseline
+    from fmrilm.evaluate.protocol import Split
+
+    info = json.loads((out / "inst" / "instruct.json").read_text())
+    split = Split.from_dict(info["cohorts"][0]["split"])
+    baseline = run_baseline("fc_logreg", out / "cohort", "sex", split)
+    oracle = json.loads((out / "raw" / "simulation.json").read_text())["oracle"]
+    summary = {
+        "seconds": times, "n_test_subjects": len(split.test),
+        "sex_accuracy": {"fmrilm_single": _pick(_rows(out / "eval_single"), "sex"),
+                         "fmrilm_multi": _pick(_rows(out / "eval_multi"), "sex"),
+                         "fc_logreg": round(baseline["accuracy"], 3), "oracle": oracle.get("sex")},
+        "fluid_intelligence_level_accuracy": {"single": _pick(_rows(out / "eval_single"), "fluid_intelligence_level"),
+                                              "multi": _pick(_rows(out / "eval_multi"), "fluid_intelligence_level")},
+        "fewshot_age_group_accuracy": _pick(_rows(out / "eval_fewshot"), "age_group"),
+        "fewshot_age_group_balanced_accuracy": _pick(_rows(out / "eval_fewshot"), "age_group", "balanced_accuracy"),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
