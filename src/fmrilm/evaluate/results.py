@@ -10,7 +10,8 @@ one row per (method, cohort, task, paradigm, setting, shots, metric), aggregated
 ``results.md`` lays the rows out like the paper's Tables 3/4: one table per (cohort, paradigm, setting,
 shots), rows = methods, columns = task x metric, cells ``mean ± std`` with three decimals. In each column
 the best value is **bold** and the second best <u>underlined</u> (higher is better except MAE-like metrics);
-ranks use the values as displayed, so equal cells share a mark.
+ranks use the values as displayed, so equal cells share a mark. Few-shot curves follow: for each (cohort, paradigm,
+setting) scored at two or more k (0, 2, 4, 10 shots...), one line per (method, task, metric), one column per k.
 """
 
 from __future__ import annotations
@@ -123,8 +124,32 @@ def _table(rows: list[ResultRow]) -> list[str]:
     return lines + ["| " + " | ".join(line) + " |" for line in body]
 
 
+def _curves(rows: list[ResultRow]) -> list[str]:
+    """Markdown lines of the few-shot curves: per (cohort, paradigm, setting) with two or more k-shot values,
+    one line per (method, task, metric) and one column per k."""
+    groups: dict[tuple, list[ResultRow]] = {}
+    for row in rows:
+        if row.shots is not None:
+            groups.setdefault((row.cohort, row.paradigm, row.setting), []).append(row)
+    lines = []
+    for (cohort, paradigm, setting), group in groups.items():
+        shots = sorted({r.shots for r in group})
+        if len(shots) < 2:
+            continue
+        cell = {(r.method, r.task, r.metric, r.shots): r for r in group}
+        header = ["Method", "Task", "Metric", *(f"{k}-shot" for k in shots)]
+        lines += [f"## {cohort} · {paradigm} · {setting} · few-shot curve", "", "| " + " | ".join(header) + " |",
+                  "|" + "---|" * len(header)]
+        for method, task, metric in dict.fromkeys((r.method, r.task, r.metric) for r in group):
+            cells = [_cell(cell.get((method, task, metric, k))) for k in shots]
+            lines.append("| " + " | ".join([method, task, LABELS.get(metric, metric), *cells]) + " |")
+        lines.append("")
+    return lines
+
+
 def markdown_tables(rows: Iterable[ResultRow]) -> str:
-    """The text of ``results.md``: one table per (cohort, paradigm, setting, shots), in order of appearance."""
+    """The text of ``results.md``: one table per (cohort, paradigm, setting, shots), in order of appearance, then
+    the few-shot curves (metrics over k) of every (cohort, paradigm, setting) scored at two or more k."""
     rows = list(rows)
     groups: dict[tuple, list[ResultRow]] = {}
     for row in rows:
@@ -134,4 +159,4 @@ def markdown_tables(rows: Iterable[ResultRow]) -> str:
     for key, group in groups.items():
         seeds = sorted({r.n_seeds for r in group})
         lines += [f"## {_title(*key)}", "", *_table(group), "", f"Seeds per cell: {', '.join(map(str, seeds))}.", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + _curves(rows))

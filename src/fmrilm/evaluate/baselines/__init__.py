@@ -207,10 +207,17 @@ def run_baseline(name: str, cohort: Cohort | str | Path, task: str | TaskSpec, s
     -------
     ``{"accuracy", "balanced_accuracy", "auc", "f1"}`` or ``{"mae", "pearson_r"}``.
     """
-    out = predict_baseline(name, cohort, task, split, descriptors, shots=shots, params=params, cache=cache)
-    if out["task"].is_classification:
-        return classification_metrics(out["y_true"], out["y_pred"], out["proba"], out["task"].classes)
-    return regression_metrics(out["y_true"], out["y_pred"])
+    return prediction_metrics(predict_baseline(name, cohort, task, split, descriptors, shots=shots, params=params,
+                                               cache=cache))
+
+
+def prediction_metrics(prediction: Mapping) -> dict[str, float]:
+    """Metrics of a :func:`predict_baseline` output: classification (accuracy, balanced accuracy, AUC, F1)
+    or regression (MAE, Pearson r) as its task is."""
+    task = prediction["task"]
+    if task.is_classification:
+        return classification_metrics(prediction["y_true"], prediction["y_pred"], prediction["proba"], task.classes)
+    return regression_metrics(prediction["y_true"], prediction["y_pred"])
 
 
 def baseline_rows(names: Iterable[str], cohort: Cohort | str | Path, task: str | TaskSpec, splits: Sequence[Split],
@@ -234,4 +241,4 @@ def baseline_rows(names: Iterable[str], cohort: Cohort | str | Path, task: str |
 
 
 __all__ = ["BASELINES", "Baseline", "FeatureCache", "baseline_rows", "get_baseline", "predict_baseline",
-           "run_baseline"]
+           "prediction_metrics", "run_baseline"]
