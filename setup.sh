@@ -18,4 +18,9 @@ PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 # Reference libraries the descriptor tests compare against (test-only; bctpy is GPL and never vendored).
 # brainspace.gradient imports without vtk, so its plotting dependencies are left out.
 "${PIP[@]}" --no-deps brainspace==0.3.0 bctpy==0.6.1
+# Headless Chromium for the report's browser test (Debian's package; the test is skipped when it is absent).
+if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium) \
+    || echo "setup.sh: could not install chromium; tests/test_report.py will skip its browser test" >&2
+fi
 .venv/bin/fmrilm --version
