@@ -7,8 +7,9 @@ Usage::
 
 For each preset and precision, one full training step of :class:`FMRITokenizerForTraining` (reconstruction,
 commitment, SigLIP and domain-adversarial losses; AdamW) on random standardized scans of N x T (patch 32) is
-run once under ``torch.utils.flop_counter.FlopCounterMode`` to count its FLOPs (matmuls and attention, forward +
-backward), once as a warm-up, then ``--steps`` times to time it. bf16 uses ``torch.autocast("cpu")`` as the
+run once as a warm-up (which also runs the codebook's one-off k-means initialisation), once under
+``torch.utils.flop_counter.FlopCounterMode`` to count its FLOPs (matmuls and attention, forward + backward), then
+``--steps`` times to time it. bf16 uses ``torch.autocast("cpu")`` as the
 shared Trainer does. The peak is the best of a few 2048 x 2048 matmuls in the same precision with the same
 threads (``torch.get_num_threads()``). Prints a markdown table.
 """
@@ -64,10 +65,10 @@ def make_step(preset: str, precision: str, batch: int, n_rois: int, length: int)
 
 def measure(preset: str, precision: str, batch: int, steps: int, n_rois: int, length: int) -> dict:
     step, params = make_step(preset, precision, batch, n_rois, length)
+    step()  # warm-up; the codebook's one-off k-means initialisation happens here, neither counted nor timed
     counter = FlopCounterMode(display=False)
     with counter:
-        step()  # counted, and the k-means initialisation of the codebook happens here, outside the timing
-    step()  # warm-up
+        step()  # counted: one ordinary training step
     start = time.perf_counter()
     for _ in range(steps):
         step()

@@ -427,7 +427,7 @@ def test_presets(tmp_path):
     for name in list_presets():
         assert isinstance(load_preset(name), TokenizerConfig)
     quick = load_preset("quick")
-    assert (quick.hidden, quick.layers, quick.patch_size) == (64, 2, 32)
+    assert (quick.hidden, quick.layers, quick.patch_size) == (64, 2, 16)
     assert (quick.codebook_size, quick.codebook_dim) == (512, 32)
     assert load_preset("s", n_rois=116).n_rois == 116 and load_preset("S").hidden == 384
     with pytest.raises(FmrilmError, match="unknown tokenizer preset 'XL'; choose one of B, L, S, quick, tiny"):

@@ -254,9 +254,33 @@ def test_tokenize_refuses_a_cohort_with_other_rois(trained, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------- quality
+# Mean over the descriptor's tokens: SmolLM2's last-token state carries even less of the descriptor's content
+# (a ridge from these features back to the z-scored descriptors reaches held-out R2 0.05 with mean, 0.01 with last).
+TEXT_POOLING = "mean"
+
+
+def test_text_features_are_standardised_before_the_contrastive_projection():
+    heads = FMRITokenizerForTraining(load_preset("tiny", n_rois=4, length=32, text_dim=8, llm_embed_dim=8, **TINY))
+    contrast = heads.criterion.contrast
+    # one shared large vector plus small differences, as pooled LLM states of descriptor paragraphs are
+    text = 50 * torch.randn(8) + 0.1 * torch.randn(6, 8, generator=torch.Generator().manual_seed(1))
+    raw = contrast.project_text(text)
+    contrast.set_text_statistics(text)
+    standardised = contrast.project_text(text)
+    z = (text - text.mean(0)) / text.std(0, unbiased=False)
+    expected = torch.nn.functional.normalize(contrast.text_proj(z), dim=-1)
+    torch.testing.assert_close(standardised, expected, atol=1e-4, rtol=0)
+    off_diagonal = ~torch.eye(6, dtype=torch.bool)
+    assert (raw @ raw.T)[off_diagonal].min() > 0.99  # the shared vector dominates without standardisation
+    assert (standardised @ standardised.T)[off_diagonal].mean() < 0.5
+
+
 @pytest.mark.acceptance
 @pytest.mark.needs_atlas
 def test_quick_preset_learns_on_a_simulated_cohort(tmp_path):
+    """Issue 4's bar: held-out R2 > 0.5 with more than 20 % of a 512-code book used, and fMRI <-> descriptor
+    retrieval well above chance with SmolLM2-135M text features. The quick preset cuts 16-point patches: with 512
+    codes (9 bits) per 32-point patch even k-means on the raw patches reaches only R2 0.48 on this cohort."""
     from fmrilm.cli import main
     from fmrilm.data.simulate import simulate_cohort
 
@@ -266,8 +290,9 @@ def test_quick_preset_learns_on_a_simulated_cohort(tmp_path):
                  "--phenotypes", str(tmp_path / "raw" / "participants.tsv"), "--out", str(tmp_path / "cohort")]) == 0
     run_describe(tmp_path / "cohort", tmp_path / "desc", jobs=2)
     metrics = run_train_tokenizer(tmp_path / "cohort", tmp_path / "desc", tmp_path / "tok", preset="quick",
-                                  llm="tiny-gpt2", train={"device": "cpu"})
+                                  llm="smollm2-135m", text_pooling=TEXT_POOLING, train={"device": "cpu"})
     print(f"quick preset on 300 simulated scans: {time.perf_counter() - start:.0f} s, {metrics}")
+    assert FMRITokenizer.from_pretrained(tmp_path / "tok").config.codebook_size == 512
     assert metrics["n_held_out"] == 30
     assert metrics["reconstruction_r2"] > 0.5
     assert metrics["codebook_usage"] > 0.2

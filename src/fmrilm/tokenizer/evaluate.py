@@ -30,7 +30,6 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fmrilm.data.cohort import Cohort, load_cohort
@@ -175,8 +174,8 @@ def _retrieval(heads: TokenizerLoss | None, pooled: Tensor, text_features: Tenso
     if text_features.ndim != 2 or len(text_features) != n:
         raise FmrilmError(f"text_features has shape {tuple(text_features.shape)}; evaluate_tokenizer needs one row "
                           f"per held-out scan ({n}, text_dim), in the order of indices")
-    fmri = F.normalize(heads.contrast.fmri_proj(pooled.to(device)), dim=-1)  # (n, D)
-    text = F.normalize(heads.contrast.text_proj(text_features), dim=-1)  # (n, D)
+    fmri = heads.contrast.project_fmri(pooled.to(device))  # (n, D)
+    text = heads.contrast.project_text(text_features)  # (n, D)
     similarity = fmri @ text.T  # (n, n), row = scan, column = text
     truth = torch.arange(n, device=device)
     return {**chance, "retrieval_f2t_top1": float((similarity.argmax(1) == truth).float().mean()),

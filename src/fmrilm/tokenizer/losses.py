@@ -125,15 +125,34 @@ class ContrastiveLoss(nn.Module):
         scale = math.log(10.0) if self.kind == "siglip" else math.log(1 / 0.07)
         self.logit_scale = nn.Parameter(torch.tensor(scale))
         self.logit_bias = nn.Parameter(torch.tensor(-10.0)) if self.kind == "siglip" else None
+        # Per-dimension standardisation of the text features (identity until set_text_statistics): pooled LLM
+        # states of descriptor paragraphs share one large vector (SmolLM2: cosine 0.98-0.996 between any two
+        # texts), which a freshly initialised projection passes on, leaving SigLIP nothing to tell apart.
+        self.register_buffer("text_shift", torch.zeros(config.text_dim))  # (text_dim,)
+        self.register_buffer("text_scale", torch.ones(config.text_dim))  # (text_dim,)
+
+    def set_text_statistics(self, text_features: Tensor) -> None:
+        """Standardise text features with the mean and std (per dimension) of (S, text_dim) training features."""
+        text_features = _check_width(text_features, self.text_proj.in_features, "text_features")
+        self.text_shift.copy_(text_features.mean(0))
+        self.text_scale.copy_(text_features.std(0, unbiased=False) + 1e-6)
+
+    def project_fmri(self, pooled: Tensor) -> Tensor:
+        """(B, h) pooled fMRI features -> (B, shared_dim), L2-normalised."""
+        return F.normalize(self.fmri_proj(pooled), dim=-1)
+
+    def project_text(self, text_features: Tensor) -> Tensor:
+        """(B, text_dim) text features -> standardised -> (B, shared_dim), L2-normalised."""
+        text_features = _check_width(text_features, self.text_proj.in_features, "text_features")
+        return F.normalize(self.text_proj((text_features - self.text_shift) / self.text_scale), dim=-1)
 
     def forward(self, pooled: Tensor, text_features: Tensor) -> Tensor:
         """Loss of (B, h) pooled fMRI features against (B, text_dim) text features of the same scans."""
-        text_features = _check_width(text_features, self.text_proj.in_features, "text_features")
-        if len(text_features) != len(pooled):
-            raise FmrilmError(f"text_features has {len(text_features)} rows for {len(pooled)} scans; "
+        text = self.project_text(text_features)  # (B, D)
+        if len(text) != len(pooled):
+            raise FmrilmError(f"text_features has {len(text)} rows for {len(pooled)} scans; "
                               "give one descriptor text feature per scan")
-        fmri = F.normalize(self.fmri_proj(pooled), dim=-1)  # (B, D)
-        text = F.normalize(self.text_proj(text_features), dim=-1)  # (B, D)
+        fmri = self.project_fmri(pooled)  # (B, D)
         if self.kind == "siglip":
             return siglip_loss(fmri, text, self.logit_scale, self.logit_bias)
         # CLIP's clamp (open_clip): a temperature below 1/100 makes the softmax unstable.
