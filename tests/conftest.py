@@ -82,3 +82,15 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "needs_atlas" in item.keywords:
                 item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Torch on one thread: tiny models gain nothing from threads, and on a loaded 2-core machine OpenMP
+    threads that wait for each other made single tests up to 30x slower. Tests that want more set it themselves."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

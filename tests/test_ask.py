@@ -16,7 +16,7 @@ import torch
 
 from conftest import ar1_scan
 from test_describe import make_cohort
-from test_lm_pipeline import one_thread, save_tokenizer  # noqa: F401 (one_thread: autouse, 1 thread)
+from test_lm_pipeline import save_tokenizer
 from fmrilm.data.cohort import load_cohort
 from fmrilm.errors import FmrilmError
 from fmrilm.evaluate.protocol import TASKS

@@ -29,14 +29,6 @@ FAST = {"brainnetcnn": {"epochs": 30, "lr": 1e-3}, "bnt": {"epochs": 30, "lr": 1
 FC_BASELINES = ("fc_logreg", "fc_svm", "brainnetcnn", "bnt")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def planted_scan(rng, label, score, n_rois, blocks, strength, length=170):
     """A (T, N) scan: block ``label`` of ROIs shares a signal (FC up inside it) and the last block shares one
     whose weight grows with ``score`` (FC grows with the score)."""

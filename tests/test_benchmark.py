@@ -8,7 +8,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from test_baselines import one_thread  # noqa: F401 (autouse: tiny models on one thread)
 from fmrilm.cli import main
 from fmrilm.data.atlas import Atlas, roi_table
 from fmrilm.data.cohort import load_cohort

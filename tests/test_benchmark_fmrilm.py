@@ -7,7 +7,6 @@ import pytest
 
 from test_instruct_evaluate import save_align_layout
 from test_describe import make_cohort
-from test_lm_pipeline import one_thread  # noqa: F401 (one_thread: autouse fixture)
 from fmrilm.errors import FmrilmError
 from fmrilm.evaluate import benchmark_fmrilm
 from fmrilm.evaluate.benchmark import run_benchmark

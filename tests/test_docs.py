@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from fmrilm.cli import main
 from fmrilm.data.cohort import load_cohort
@@ -27,14 +26,6 @@ from fmrilm.report.cli_docs import cli_markdown
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a loaded 2-core machine: OpenMP threads wait on each other
-    yield
-    torch.set_num_threads(threads)
 
 
 def code_blocks(path: Path) -> list[tuple[str, str]]:

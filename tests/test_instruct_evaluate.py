@@ -20,7 +20,7 @@ from scipy.stats import pearsonr
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, mean_absolute_error, roc_auc_score
 
 from test_describe import make_cohort
-from test_lm_pipeline import one_thread, save_tokenizer  # noqa: F401 (one_thread: autouse fixture)
+from test_lm_pipeline import save_tokenizer
 from fmrilm.data.cohort import load_cohort
 from fmrilm.errors import FmrilmError
 from fmrilm.evaluate.protocol import Split, get_task, make_splits

@@ -72,15 +72,6 @@ def leaks(task: str, row: dict, context: str) -> list[str]:
     return found
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models run fastest on one thread, and several threads thrash when other jobs share the CPUs.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model() -> FMRILanguageModel:
     torch.manual_seed(0)

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from test_describe import CONFIG, make_cohort
-from test_lm_pipeline import one_thread, save_tokenizer  # noqa: F401 (one_thread: an autouse fixture)
+from test_lm_pipeline import save_tokenizer
 from fmrilm.descriptors.pipeline import run_describe
 from fmrilm.errors import FmrilmError
 from fmrilm.evaluate.protocol import Split, continuous_values, get_task, ordinal_cuts

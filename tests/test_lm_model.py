@@ -27,15 +27,6 @@ TEXTS = ["The default mode network is strongly connected at rest.", "Weak visual
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models run fastest on one thread, and several threads thrash when other jobs share the CPUs.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_model(arch: str, perturb: bool = True, **kwargs) -> FMRILanguageModel:
     """A seeded model; trainable weights nudged so that LoRA's zero-initialised B matrices matter."""
     torch.manual_seed(0)

@@ -43,14 +43,6 @@ EVAL_KEYS = ("f2f_accuracy", "f2f_copy_last_accuracy", "f2f_majority_accuracy", 
              "f2t_majority_field_accuracy", "bleu4", "rouge_l_f1", "t2t_perplexity", "t2t_perplexity_base", "f2t_loss")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models run fastest on one thread; several thrash on a shared CPU
-    yield
-    torch.set_num_threads(threads)
-
-
 def save_tokenizer(path, cohort, n_rois=38, patch_size=32, codebook_size=16):
     """A random tiny tokenizer whose VQ codebook is k-means initialised on the cohort's first scans."""
     torch.manual_seed(0)

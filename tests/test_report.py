@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from test_describe import CONFIG, make_cohort
 from fmrilm.data.cohort import load_cohort
@@ -46,14 +45,6 @@ CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-back
 METHODS, SHOTS = ("fc_logreg", "text_clf"), (None, 2, 4)
 TINY_TOKENIZER = {"hidden": 32, "heads": 4, "codebook_size": 16, "codebook_dim": 16, "decoder_layers": 1,
                   "shared_dim": 16, "domain_hidden": 32}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models run fastest on one thread; several thrash on a shared CPU
-    yield
-    torch.set_num_threads(threads)
 
 
 def write_baseline_results(cohort: Path, desc: Path, out: Path) -> None:

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 import yaml
 
 from conftest import write_scans
@@ -40,14 +39,6 @@ LATER = {"stages": list(STAGES),  # Stages 2-3 and the benchmark, tiny
                    "train": {"epochs": 1, "batch_size": 4}},
          "instruct": {"paradigms": ["single"], "train": {"epochs": 1, "batch_size": 4}},
          "benchmark": {"methods": ["fc_logreg"], "seeds": 2, "shots": [2]}}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models gain nothing from threads on a loaded 2-core machine
-    yield
-    torch.set_num_threads(threads)
 
 
 def write_inputs(root: Path) -> Path:

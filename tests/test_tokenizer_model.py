@@ -68,16 +68,6 @@ def _seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain nothing from threads, and on a loaded 2-core machine OpenMP threads that wait
-    # for each other made one test 30x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ------------------------------------------------------------------------------------------ token order
 def test_grid_is_time_major():
     x = torch.arange(2 * T * N, dtype=torch.float32).reshape(2, T, N)  # every value identifies (b, t, n)

@@ -69,15 +69,6 @@ def train(described, out, **kwargs) -> dict:
     return run_train_tokenizer(cohort, desc, out, preset="tiny", llm="tiny-gpt2", overrides=TINY, **kwargs)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models gain nothing from threads, and waiting OpenMP threads slow a loaded 2-core machine a lot
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def described(tmp_path_factory):
     root = tmp_path_factory.mktemp("stage1")

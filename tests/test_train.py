@@ -28,14 +28,6 @@ from fmrilm.train import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny MLP runs fastest on one thread; several thrash on a shared CPU
-    yield
-    torch.set_num_threads(threads)
-
-
 class ToyData(Dataset):
     """(n, n_features) inputs and a smooth nonlinear target, seeded; samples are dicts."""
 
