@@ -3,7 +3,7 @@
 Usage::
 
     .venv/bin/python benchmarks/bench_stage3.py --out /tmp/stage3 [--subjects 120] [--tokenizer random|quick]
-        [--instruct-epochs 2] [--shots 0 2 4 10] [--fewshot-seeds 2] [--budget-steps 5]
+        [--instruct-epochs 2] [--fewshot-seeds 2] [--budget-steps 5] [--threads 1]
 
 Steps (each a ``fmrilm`` subcommand run in this process, timed): simulate a ``ukb`` cohort at 116 ROIs
 (``schaefer100_tian_s1``), prepare, describe, Stage 1 (``--tokenizer quick``: ``train-tokenizer --preset quick
@@ -13,7 +13,9 @@ level (single + multi paradigms), then ``evaluate``:
 
 * single vs multi: held-out sex accuracy with held-out paraphrases, on the instruct run's test subjects;
 * the same test subjects for FC + logistic regression (``fc_logreg`` baseline) and the simulation's oracle;
-* few-shot: a task the model never trained on (``age`` as its bins, new task same cohort) with 0, 2, 4, 10 shots.
+* few-shot, same task new cohort: sex on a simulated ``adni`` cohort with 0, 2, 4, 10 shots (k-shot fine-tuning
+  of ``--budget-steps`` steps; ``--fewshot-seeds`` choices of the k examples);
+* few-shot, new task same cohort: ``age_group`` (3 classes, so k >= 3) with 0, 3, 6, 10 shots.
 
 Prints one JSON summary (and writes it to ``OUT/summary.json``). Uses bf16 where the CPU has it.
 """
@@ -68,7 +70,6 @@ def main() -> None:
     p.add_argument("--subjects", type=int, default=120)
     p.add_argument("--tokenizer", choices=("random", "quick"), default="random")
     p.add_argument("--instruct-epochs", type=int, default=2)
-    p.add_argument("--shots", type=int, nargs="+", default=[0, 2, 4, 10])
     p.add_argument("--fewshot-seeds", type=int, default=2)
     p.add_argument("--budget-steps", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
@@ -99,9 +100,16 @@ def main() -> None:
     for paradigm in ("single", "multi"):
         _run(["evaluate", "--model", str(inst), "--cohort", str(cohort), "--tasks", *tasks, "--paradigm", paradigm,
               "--out", str(out / f"eval_{paradigm}"), "--overwrite"], times, f"evaluate-{paradigm}")
-    _run(["evaluate", "--model", str(inst), "--cohort", str(cohort), "--tasks", "age_group", "--shots",
-          *map(str, args.shots), "--seeds", *map(str, range(args.fewshot_seeds)), "--budget-steps",
-          str(args.budget_steps), "--out", str(out / "eval_fewshot"), "--overwrite"], times, "evaluate-fewshot")
+    adni_raw, adni = out / "raw_adni", out / "cohort_adni"
+    _run(["simulate", "--preset", "adni", "--subjects", "80", "--atlas", ATLAS, "--out", str(adni_raw), "--overwrite"],
+         times, "simulate-adni")
+    _run(["prepare", "--timeseries", str(adni_raw / "timeseries"), "--phenotypes", str(adni_raw / "participants.tsv"),
+          "--atlas", ATLAS, "--out", str(adni), "--overwrite"], times, "prepare-adni")
+    seeds = ["--seeds", *map(str, range(args.fewshot_seeds)), "--budget-steps", str(args.budget_steps)]
+    _run(["evaluate", "--model", str(inst), "--cohort", str(adni), "--tasks", "sex", "--shots", "0", "2", "4", "10",
+          *seeds, "--out", str(out / "eval_fewshot_adni"), "--overwrite"], times, "evaluate-fewshot-new-cohort")
+    _run(["evaluate", "--model", str(inst), "--cohort", str(cohort), "--tasks", "age_group", "--shots", "0", "3", "6",
+          "10", *seeds, "--out", str(out / "eval_fewshot_newtask"), "--overwrite"], times, "evaluate-fewshot-new-task")
     print(json.dumps(summarize(out, times), indent=1))
 
 
@@ -121,8 +129,9 @@ def summarize(out: Path, times: dict) -> dict:
                          "fc_logreg": round(baseline["accuracy"], 3), "oracle": oracle.get("sex")},
         "fluid_intelligence_level_accuracy": {"single": _pick(_rows(out / "eval_single"), "fluid_intelligence_level"),
                                               "multi": _pick(_rows(out / "eval_multi"), "fluid_intelligence_level")},
-        "fewshot_age_group_accuracy": _pick(_rows(out / "eval_fewshot"), "age_group"),
-        "fewshot_age_group_balanced_accuracy": _pick(_rows(out / "eval_fewshot"), "age_group", "balanced_accuracy"),
+        "fewshot_new_cohort_sex_balanced_accuracy": _pick(_rows(out / "eval_fewshot_adni"), "sex", "balanced_accuracy"),
+        "fewshot_new_task_age_group_balanced_accuracy": _pick(_rows(out / "eval_fewshot_newtask"), "age_group",
+                                                              "balanced_accuracy"),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary

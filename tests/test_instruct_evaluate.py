@@ -258,6 +258,15 @@ def test_k_shot_runs_fine_tune_on_k_balanced_training_scans_and_draw_a_curve(dat
     assert "| Method | Task | Metric | 0-shot | 2-shot |" in curve and "| fmrilm | sex | ACC |" in curve
 
 
+def test_k_shot_on_the_training_cohort_draws_examples_per_seed(data, tmp_path):
+    rows = run_evaluate(data["insts"][0], data["cohort"], tmp_path / "fs", tasks=["fluid_intelligence_level"],
+                        shots=[3], seeds=[0, 1], budget_steps=1)
+    assert {(r.setting, r.shots, r.n_seeds) for r in rows if r.metric == "accuracy"} == {("new-task", 3, 2)}
+    runs = json.loads((tmp_path / "fs" / "evaluate.json").read_text())["runs"]
+    assert [r["seed"] for r in runs] == [0, 1] and runs[0]["test_subjects"] == runs[1]["test_subjects"]
+    assert runs[0]["shot_scans"] != runs[1]["shot_scans"]
+
+
 # ------------------------------------------------------------------------------------------ probe
 def test_probe_learns_a_planted_linear_signal_and_nothing_from_noise():
     rng = np.random.default_rng(0)

@@ -18,7 +18,8 @@ whose metric was defined (one model, one seed: ``n_seeds = 1``, std 0).
 Setting and shots. A task whose phenotype column the model was trained on, on a cohort it was trained on, is
 ``setting="full"`` with ``shots=None``; otherwise the model answers zero-shot (``shots=0``) in one of the paper's
 transfer settings ``new-task``, ``new-cohort`` or ``new-task-new-cohort``. With ``shots=(0, 2, 4, 10)`` each model
-is also fine-tuned, per task and run, on k labelled training scans balanced by label (the run's seed picks them,
+is also fine-tuned, per task and run, on k labelled training scans balanced by label (the run's seed picks them;
+on a cohort the model trained on, each of ``seeds`` picks its own k scans within the recorded split,
 :func:`fmrilm.instruct.pipeline.few_shot_finetune`, a fixed budget of optimizer steps) and tested on the same test
 subjects; its rows keep the base model's setting with ``shots=k``: one curve per setting over k.
 
@@ -134,7 +135,8 @@ def _few_shot_run(base: Run, cohort: Path, table: pd.DataFrame, spec: TaskSpec, 
     out = Path(work) / "model"
     few_shot_finetune(base.model.directory, cohort, spec.name, k, base.seed, out, budget_steps, paradigms=(paradigm,))
     run = _runs([load_model(out)], cohort, table, [spec], [base.seed])[0]
-    return replace(run, base_cohort=base.base_cohort, base_columns=base.base_columns, shots=k)
+    return replace(run, split=replace(run.split, seed=base.seed), base_cohort=base.base_cohort,
+                   base_columns=base.base_columns, shots=k)
 
 
 def _evaluate(run: Run, opened, table: pd.DataFrame, specs: list[TaskSpec], paradigm: str, batch_size: int):
@@ -181,7 +183,7 @@ def run_evaluate(models: str | os.PathLike | Sequence[str | os.PathLike], cohort
         _check_phenotypes(table, specs, opened.path)
         base = _runs(loaded, opened.path, table, specs, seeds)
         runs, outcomes = [], []
-        for k, run, asked in ((k, r, a) for k in shots for r in base for a in ([specs] if k == 0 else specs)):
+        for k, run, asked in _jobs(base, specs, shots, seeds):
             if k > 0:  # one fine-tuned model at a time, released after use
                 run, asked = _few_shot_run(run, opened.path, table, asked, k, paradigm, budget_steps, work), [asked]
             outcomes.append(_evaluate(run, opened, table, asked, paradigm, batch_size))
@@ -199,6 +201,20 @@ def run_evaluate(models: str | os.PathLike | Sequence[str | os.PathLike], cohort
                 handle.write(json.dumps(record) + "\n")
         write_json_atomic(tmp / SETTINGS_FILE, settings)
     return rows
+
+
+def _jobs(base: list[Run], specs: list[TaskSpec], shots: list[int], seeds) -> list[tuple[int, Run, object]]:
+    """(k, run, tasks asked) to evaluate. k > 0 fine-tunes per task; on a cohort the model trained on (one
+    recorded split) each of ``seeds`` draws its own k examples, so the few-shot cells still have several seeds."""
+    seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
+    jobs = []
+    for k, run in ((k, r) for k in shots for r in base):
+        if k == 0:
+            jobs.append((k, run, specs))
+            continue
+        runs = [replace(run, split=replace(run.split, seed=s)) for s in seed_list] if run.trained else [run]
+        jobs += [(k, r, spec) for spec in specs for r in runs]
+    return jobs
 
 
 def _check_shots(shots: Sequence[int]) -> list[int]:
