@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -107,3 +108,49 @@ def _json_default(obj: object) -> object:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_training_output(out: Path, resume: bool, overwrite: bool, *, marker: str, what: str, train_dir: str,
+                          owned: tuple[str, ...] | None = None, keep: tuple[str, ...] = (),
+                          command: str = "this command") -> Path:
+    """Before any work of a training stage: refuse a finished output (``marker`` exists) unless ``overwrite``,
+    an unfinished run (checkpoints in ``train_dir``) unless ``resume`` or ``overwrite``, ``resume`` without a
+    checkpoint and, when ``owned`` is given, a directory holding files the stage does not write (``keep``
+    and hidden names allowed) unless ``overwrite``."""
+    if out.exists() and not out.is_dir():
+        raise FmrilmError(f"output {out} exists and is not a directory; choose another --out")
+    if (out / marker).exists() and not overwrite:
+        raise FmrilmError(f"{out} already holds {what}; pass --overwrite to replace it or choose another --out")
+    checkpoints = out / train_dir / "checkpoints"
+    has_checkpoints = any(checkpoints.glob("step-*"))
+    if has_checkpoints and not resume and not overwrite:
+        raise FmrilmError(f"{out / train_dir} holds checkpoints of an unfinished run; pass --resume to continue it "
+                          "or --overwrite to start again")
+    if resume and not has_checkpoints:
+        raise FmrilmError(f"--resume given but {checkpoints} holds no checkpoint; run without --resume to start")
+    foreign = owned is not None and out.is_dir() and any(
+        p.name not in (*owned, *keep) and not p.name.startswith(".") for p in out.iterdir())
+    if foreign and not overwrite:
+        raise FmrilmError(f"output {out} already exists and holds other files; choose another --out or pass "
+                          f"--overwrite (only the files {command} writes are replaced)")
+    return out
+
+
+def check_same_run(path: Path, run: dict) -> None:
+    """Refuse to resume when the settings in ``run`` differ from those saved in ``path`` (run.json)."""
+    if not path.is_file():
+        return  # a run started by an older version: nothing to compare with
+    saved = json.loads(path.read_text())
+    changed = [key for key in run if saved.get(key) != json.loads(json.dumps(run[key]))]
+    if changed:
+        raise FmrilmError(f"cannot resume {path.parent}: {', '.join(changed)} differ from the interrupted run; "
+                          "use the run's settings (see run.json) or start a new --out")

@@ -72,7 +72,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from fmrilm.errors import FmrilmError
-from fmrilm.io import atomic_output_dir, write_json_atomic
+from fmrilm.io import atomic_output_dir, sha256_file, write_json_atomic
 
 CHECKPOINT_FILES = ("model.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json")
 _CHECKPOINT_NAME = re.compile(r"step-\d{8}")
@@ -203,11 +203,7 @@ def verify_checkpoint(path: str | Path) -> None:
 
 
 def _file_record(path: Path) -> dict[str, Any]:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return {"sha256": digest.hexdigest(), "bytes": path.stat().st_size}
+    return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
 
 
 def _file_problem(path: Path, record: Mapping[str, Any]) -> str | None:

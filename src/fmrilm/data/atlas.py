@@ -8,7 +8,6 @@ order: ``index`` (0-based column in the time series), ``label`` (the integer in 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
@@ -21,6 +20,7 @@ import pandas as pd
 
 from fmrilm.constants import SUBCORTICAL, YEO7_NETWORKS
 from fmrilm.errors import FmrilmError
+from fmrilm.io import sha256_file
 
 _SOURCE = "https://raw.githubusercontent.com/yetianmed/subcortex/master/Group-Parcellation/3T/Cortex-Subcortex/"
 
@@ -102,21 +102,13 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fmrilm"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _download(filename: str, sha256: str, dest_dir: Path) -> Path:
     dest = dest_dir / filename
     dest_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=dest_dir, delete=False) as tmp:
         with urllib.request.urlopen(_SOURCE + filename, timeout=60) as response:
             shutil.copyfileobj(response, tmp)
-    if _sha256(Path(tmp.name)) != sha256:
+    if sha256_file(Path(tmp.name)) != sha256:
         os.unlink(tmp.name)
         raise FmrilmError(f"downloaded {filename} does not match its sha256 checksum; try again or place it by hand")
     os.replace(tmp.name, dest)

@@ -43,7 +43,6 @@ Evaluation uses ``split["test"]`` of each cohort, the fitted ``cuts`` (``y = sea
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -57,7 +56,7 @@ from fmrilm.instruct.data import (
     InstructDataset, check_paradigms, check_tasks, cohort_targets, paraphrase_pools, question_task,
 )
 from fmrilm.instruct.prompts import PARADIGMS
-from fmrilm.io import write_json_atomic
+from fmrilm.io import sha256_file, write_json_atomic
 from fmrilm.lm.model import CONFIG_FILE, FMRI_FILE, LLM_DIR, FMRILanguageModel
 from fmrilm.lm.objectives import collate
 from fmrilm.lm.pipeline import (
@@ -103,10 +102,6 @@ def source_kind(directory: str | os.PathLike) -> str:
     return kind
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _check_grid(cohort, source: Path, preprocess: Mapping) -> None:
     """The cohort's ROI count, length and atlas must be those the source's tokenizer was trained on."""
     from fmrilm.data.cohort import load_cohort
@@ -130,7 +125,7 @@ def _init_weights(source: Path, init_from: str | os.PathLike | None) -> Path:
     init = Path(init_from)
     source_kind(init)
     tok = f"{TOKENIZER_DIR}/model.safetensors"
-    if _sha256(init / tok) != _sha256(source / tok):
+    if sha256_file(init / tok) != sha256_file(source / tok):
         raise FmrilmError(f"init_from {init} was trained with another Stage 1 tokenizer than --model {source}; "
                           "initialise from a model derived from the same one")
     return init
@@ -188,7 +183,8 @@ def run_instruct(
         raise FmrilmError(f"max_text_tokens must be an integer >= 16 (prompt + answer tokens), got {max_text_tokens!r}")
     source = Path(model)
     kind, weights = source_kind(source), _init_weights(source, init_from)
-    out = _check_out(Path(out), resume, overwrite, marker=INFO_FILE, owned=_OWNED, what="an instruction-tuned fMRI-LM")
+    out = _check_out(Path(out), resume, overwrite, marker=INFO_FILE, owned=_OWNED, what="an instruction-tuned fMRI-LM",
+                     command="instruct")
     parts = _cohort_parts(cohorts, source, specs, seed, train_indices, splits)
     train_cfg = train if isinstance(train, TrainConfig) else stage_train_config({"seed": seed, **dict(train or {})})
     run = {"cohorts": [p.to_dict() for p in parts], "tasks": [s.name for s in specs], "paradigms": paradigms,

@@ -52,7 +52,7 @@ from torch.utils.data import Dataset
 from fmrilm import __version__
 from fmrilm.data.cohort import load_cohort
 from fmrilm.errors import FmrilmError, FmrilmWarning
-from fmrilm.io import write_json_atomic
+from fmrilm.io import check_same_run, check_training_output, sha256_file, write_json_atomic
 from fmrilm.lm.evaluate import HeldOut, evaluate_alignment, generate_texts
 from fmrilm.lm.model import CONFIG_FILE, FMRI_FILE, LLM_DIR, FMRILanguageModel, FMRILMConfig
 from fmrilm.lm.objectives import collate, f2t_example, pad_right, t2t_batch
@@ -100,19 +100,11 @@ class TokenCache:
         return {**self.__dict__, "_maps": None, "_pid": None}
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _cache_key(cohort: Path, tokenizer_dir: Path, scan_ids: list[str]) -> dict:
     # The HDF5 store can be large: its size and modification time stand for its content; the tokenizer is small.
     stat = (cohort / "timeseries.h5").stat()
-    return {"tokenizer_sha256": _sha256_file(tokenizer_dir / "model.safetensors"),
-            "tokenizer_config_sha256": _sha256_file(tokenizer_dir / "config.json"),
+    return {"tokenizer_sha256": sha256_file(tokenizer_dir / "model.safetensors"),
+            "tokenizer_config_sha256": sha256_file(tokenizer_dir / "config.json"),
             "cohort": str(cohort.resolve()), "timeseries_bytes": stat.st_size, "timeseries_mtime_ns": stat.st_mtime_ns,
             "scan_ids_sha256": hashlib.sha256(json.dumps(scan_ids).encode()).hexdigest()}
 
@@ -351,27 +343,11 @@ def _held_out(cache: TokenCache, split: dict, targets: list[str], columns: list[
 
 
 def _check_out(out: Path, resume: bool, overwrite: bool, *, marker: str = META_FILE,
-               owned: Sequence[str] = _OWNED, what: str = "an aligned fMRI-LM") -> Path:
+               owned: Sequence[str] = _OWNED, what: str = "an aligned fMRI-LM", command: str = "align") -> Path:
     """Refuse a finished model (unless overwrite) and an unfinished run not resumed; before any work.
     ``marker`` (written last) marks a finished run, ``owned`` lists the stage's outputs (Stage 3 reuses this)."""
-    if out.exists() and not out.is_dir():
-        raise FmrilmError(f"output {out} exists and is not a directory; choose another --out")
-    if (out / marker).exists() and not overwrite:
-        raise FmrilmError(f"{out} already holds {what}; pass --overwrite to replace it or choose "
-                          "another --out")
-    has_checkpoints = any((out / TRAIN_DIR / "checkpoints").glob("step-*"))
-    if has_checkpoints and not resume and not overwrite:
-        raise FmrilmError(f"{out / TRAIN_DIR} holds checkpoints of an unfinished run; pass --resume to continue it "
-                          "or --overwrite to start again")
-    if resume and not has_checkpoints:
-        raise FmrilmError(f"--resume given but {out / TRAIN_DIR / 'checkpoints'} holds no checkpoint; run without "
-                          "--resume to start")
-    foreign = out.is_dir() and any(p.name not in (*owned, CACHE_DIR) and not p.name.startswith(".")
-                                   for p in out.iterdir())
-    if foreign and not overwrite:
-        raise FmrilmError(f"output {out} already exists and holds other files; choose another --out or pass "
-                          "--overwrite (only the files align writes are replaced)")
-    return out
+    return check_training_output(out, resume, overwrite, marker=marker, what=what, train_dir=TRAIN_DIR,
+                                 owned=tuple(owned), keep=(CACHE_DIR,), command=command)
 
 
 def _tokenizer_config(tokenizer: Path, inputs):
@@ -410,11 +386,7 @@ def _start_run(trainer: Trainer, out: Path, run: dict, resume: bool, owned: Sequ
     """Fresh run: clear this stage's old outputs (the cache stays). Resume: the settings must be the run's."""
     if trainer.accelerator.is_main_process:
         if resume:
-            saved = json.loads((out / RUN_FILE).read_text()) if (out / RUN_FILE).is_file() else run
-            changed = [k for k in run if saved.get(k) != json.loads(json.dumps(run[k]))]
-            if changed:
-                raise FmrilmError(f"cannot resume {out}: {', '.join(changed)} differ from the interrupted run; use "
-                                  "the run's settings (see run.json) or start a new --out")
+            check_same_run(out / RUN_FILE, run)
         else:
             for name in owned:
                 path = out / name

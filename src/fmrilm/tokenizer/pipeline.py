@@ -48,7 +48,7 @@ from torch.utils.data import Dataset, default_collate
 from fmrilm import __version__
 from fmrilm.data.cohort import load_cohort
 from fmrilm.errors import FmrilmError
-from fmrilm.io import write_json_atomic
+from fmrilm.io import check_same_run, check_training_output, write_json_atomic
 from fmrilm.tokenizer.config import TokenizerConfig, load_preset
 from fmrilm.tokenizer.evaluate import evaluate_tokenizer, scan_batches
 from fmrilm.tokenizer.model import CONFIG_FILE, WEIGHTS_FILE, FMRITokenizer, FMRITokenizerForTraining
@@ -371,26 +371,15 @@ def _make_trainer(config: TokenizerConfig, train_cfg: TrainConfig, inputs: Stage
 
 def _check_out(out: Path, resume: bool, overwrite: bool) -> Path:
     """Refuse a finished tokenizer (unless overwrite) and an unfinished run not resumed; before any work."""
-    if out.exists() and not out.is_dir():
-        raise FmrilmError(f"output {out} exists and is not a directory; choose another --out")
-    if (out / META_FILE).exists() and not overwrite:
-        raise FmrilmError(f"{out} already holds a finished tokenizer; pass --overwrite to replace it "
-                          "or choose another --out")
-    has_checkpoints = any((out / TRAIN_DIR / "checkpoints").glob("step-*"))
-    if has_checkpoints and not resume and not overwrite:
-        raise FmrilmError(f"{out / TRAIN_DIR} holds checkpoints of an unfinished run; pass --resume to continue it "
-                          "or --overwrite to start again")
-    if resume and not has_checkpoints:
-        raise FmrilmError(f"--resume given but {out / TRAIN_DIR / 'checkpoints'} holds no checkpoint; "
-                          "run without --resume to start")
-    return out
+    return check_training_output(out, resume, overwrite, marker=META_FILE, what="a finished tokenizer",
+                                 train_dir=TRAIN_DIR)
 
 
 def _start_run(trainer: Trainer, out: Path, run: dict, resume: bool) -> None:
     """Fresh run: clear this stage's old outputs (the cache stays). Resume: the settings must be the run's."""
     if trainer.accelerator.is_main_process:
         if resume:
-            _check_same_run(out / RUN_FILE, run)
+            check_same_run(out / RUN_FILE, run)
         else:
             for name in _OWNED:
                 path = out / name
@@ -398,16 +387,6 @@ def _start_run(trainer: Trainer, out: Path, run: dict, resume: bool) -> None:
             out.mkdir(parents=True, exist_ok=True)
             write_json_atomic(out / RUN_FILE, run)
     trainer.accelerator.wait_for_everyone()
-
-
-def _check_same_run(path: Path, run: dict) -> None:
-    if not path.is_file():
-        return  # a run started by an older version: nothing to compare with
-    saved = json.loads(path.read_text())
-    changed = [key for key in run if saved.get(key) != json.loads(json.dumps(run[key]))]
-    if changed:
-        raise FmrilmError(f"cannot resume {path.parent}: {', '.join(changed)} differ from the interrupted run; "
-                          "use the run's settings (see run.json) or start a new --out")
 
 
 def _finish(trainer: Trainer, module: FMRITokenizerForTraining, inputs: StageInputs, split: dict, text: TextSide,
