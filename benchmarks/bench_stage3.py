@@ -11,7 +11,10 @@ Steps (each a ``fmrilm`` subcommand run in this process, timed): simulate a ``uk
 ``align`` (SmolLM2-135M + LoRA, the stage's quick settings), Stage 3 ``instruct`` on sex and fluid-intelligence
 level (single + multi paradigms), then ``evaluate``:
 
-* single vs multi: held-out sex accuracy with held-out paraphrases, on the instruct run's test subjects;
+* single vs multi: held-out sex accuracy with held-out paraphrases, on the instruct run's test subjects; single
+  answers are decided on class-prior calibrated probabilities (fitted on training scans at the end of instruct),
+  the raw decision's accuracy / balanced accuracy / AUC are reported beside (``*_raw_vs_calibrated``); multi
+  answers are generated, so they are not calibrated;
 * the same test subjects for FC + logistic regression (``fc_logreg`` baseline) and the simulation's oracle;
 * few-shot, same task new cohort: sex on a simulated ``adni`` cohort with 0, 2, 4, 10 shots (k-shot fine-tuning
   of ``--budget-steps`` steps; ``--fewshot-seeds`` choices of the k examples);
@@ -59,9 +62,16 @@ def _rows(path: Path) -> list[dict]:
     return json.loads((path / "results.json").read_text())["rows"]
 
 
-def _pick(rows: list[dict], task: str, metric: str = "accuracy") -> dict:
+def _pick(rows: list[dict], task: str, metric: str = "accuracy", method: str = "fmrilm") -> dict:
     return {f"{r['setting']}/{r['shots']}": round(r["mean"], 3) if r["mean"] is not None else None
-            for r in rows if r["task"] == task and r["metric"] == metric}
+            for r in rows if r["task"] == task and r["metric"] == metric and r["method"] == method}
+
+
+def _raw_and_calibrated(rows: list[dict], task: str) -> dict:
+    """Calibrated (the decision) and uncalibrated accuracy, balanced accuracy and AUC of a task."""
+    return {f"{name}_{metric}": _pick(rows, task, metric, method)
+            for name, method in (("calibrated", "fmrilm"), ("raw", "fmrilm (uncalibrated)"))
+            for metric in ("accuracy", "balanced_accuracy", "auc")}
 
 
 def main() -> None:
@@ -127,6 +137,8 @@ def summarize(out: Path, times: dict) -> dict:
         "sex_accuracy": {"fmrilm_single": _pick(_rows(out / "eval_single"), "sex"),
                          "fmrilm_multi": _pick(_rows(out / "eval_multi"), "sex"),
                          "fc_logreg": round(baseline["accuracy"], 3), "oracle": oracle.get("sex")},
+        "sex_single_raw_vs_calibrated": _raw_and_calibrated(_rows(out / "eval_single"), "sex"),
+        "fewshot_new_cohort_sex_raw_vs_calibrated": _raw_and_calibrated(_rows(out / "eval_fewshot_adni"), "sex"),
         "fluid_intelligence_level_accuracy": {"single": _pick(_rows(out / "eval_single"), "fluid_intelligence_level"),
                                               "multi": _pick(_rows(out / "eval_multi"), "fluid_intelligence_level")},
         "fewshot_new_cohort_sex_balanced_accuracy": _pick(_rows(out / "eval_fewshot_adni"), "sex", "balanced_accuracy"),

@@ -22,6 +22,7 @@ from fmrilm.errors import FmrilmError
 from fmrilm.evaluate.protocol import TASKS
 from fmrilm.instruct.answer import class_probabilities
 from fmrilm.instruct.ask import Answer, answer_task, ask, match_task, question_with_hint, task_scores
+from fmrilm.instruct.calibration import CALIBRATION_FILE, Calibration, TaskCalibration
 from fmrilm.instruct.pipeline import INFO_FILE, InstructedModel
 from fmrilm.instruct.prompts import TASK_TEXT, answer_words, build_prompt, paraphrases, split_paraphrases
 from fmrilm.lm.model import FMRILanguageModel, FMRILMConfig
@@ -174,6 +175,32 @@ def test_unmatched_question_is_generated_only_when_asked(models, scan):
     assert answer.method == "generated" and answer.task is None and answer.probability is None
     assert isinstance(answer.answer, str) and str(answer).endswith("(free generation: no task matched the question)")
     assert answer.prompt.endswith("### Question: Tell me about this scan.\n### Answer:")
+
+
+def test_stored_calibration_corrects_the_probabilities_unless_switched_off(models, scan, capsys):
+    """A bias of +-5 nats against "male" in the model's calibration.json: the answer becomes "female" with the
+    calibrated probability; calibrate=False (--no-calibration) gives the raw probabilities back."""
+    from fmrilm.cli import main
+
+    loaded = models["loaded"]
+    raw = ask(loaded, scan, SEX, tr=2.0)
+    Calibration("bias", {"sex": TaskCalibration(["male", "female"], [5.0, -5.0], 10)}).save(models["inst"])
+    try:
+        calibrated = ask(loaded, scan, SEX, tr=2.0)
+        off = ask(loaded, scan, SEX, tr=2.0, calibrate=False)
+        argv = ["ask", SEX, "--model", str(models["inst"]), "--scan", str(scan), "--tr", "2", "--json"]
+        assert main(argv) == 0 and json.loads(capsys.readouterr().out)["calibrated"] is True
+        assert main([*argv, "--no-calibration"]) == 0
+        assert json.loads(capsys.readouterr().out)["probabilities"] == pytest.approx(raw.probabilities)
+    finally:
+        (models["inst"] / CALIBRATION_FILE).unlink()
+    logits = np.log(list(raw.probabilities.values())) - np.array([5.0, -5.0])
+    expected = np.exp(logits) / np.exp(logits).sum()
+    assert calibrated.calibrated and not raw.calibrated and not off.calibrated
+    assert calibrated.answer == "female" and list(calibrated.probabilities.values()) == pytest.approx(expected)
+    assert off.probabilities == pytest.approx(raw.probabilities)
+    answer = ask(loaded, scan, "How old is this person?", tr=2.0)  # no calibration for age_group: raw
+    assert not answer.calibrated
 
 
 def test_cli_prints_the_answer_with_its_probability(models, scan, capsys):

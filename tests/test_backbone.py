@@ -102,6 +102,28 @@ def test_features_do_not_depend_on_batch_size_and_restore_training_mode():
     assert model.training
 
 
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_depth_pools_the_chosen_layer(arch):
+    model, tokenizer = tiny_backbone(arch)
+    texts = [SHORT, *LONGER]
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    with torch.no_grad():
+        states = model.base_model(**batch, output_hidden_states=True).hidden_states  # embeddings + 2 layers
+    for depth, layer in ((0.0, 0), (0.5, 1)):  # tiny backbones have 2 layers: depth 0.5 is layer 1's output
+        expected = (states[layer] * mask).sum(1) / mask.sum(1)
+        got = text_features(model, tokenizer, texts, pooling="mean", depth=depth)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    final = text_features(model, tokenizer, texts, pooling="mean")
+    assert not torch.allclose(final, text_features(model, tokenizer, texts, pooling="mean", depth=0.5))
+
+
+def test_depth_outside_zero_to_one_is_refused():
+    model, tokenizer = tiny_backbone("gpt2")
+    with pytest.raises(FmrilmError, match="depth 1.5 is not a fraction"):
+        text_features(model, tokenizer, [SHORT], depth=1.5)
+
+
 def _count_forwards(model):
     calls = []
     model.get_input_embeddings().register_forward_hook(lambda *args: calls.append(1))
@@ -122,6 +144,9 @@ def test_feature_cache_is_reused_and_invalidated(tmp_path):
     n_calls = len(calls)
     text_features(model, tokenizer, [SHORT, LONGER[0]], pooling="mean", cache=path)
     assert len(calls) > n_calls
+    n_calls = len(calls)
+    text_features(model, tokenizer, [SHORT, LONGER[0]], pooling="mean", depth=0.5, cache=path)
+    assert len(calls) > n_calls  # another layer: recomputed
     # Other weights (another seed) must not reuse the features of this model.
     other, _ = tiny_backbone("qwen3", seed=1)
     other_calls = _count_forwards(other)

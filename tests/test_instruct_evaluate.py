@@ -26,6 +26,7 @@ from fmrilm.errors import FmrilmError
 from fmrilm.evaluate.protocol import Split, get_task, make_splits
 from fmrilm.instruct import paradigm_eval
 from fmrilm.instruct.answer import extract_fields
+from fmrilm.instruct.calibration import Calibration
 from fmrilm.instruct.data import paraphrase_pools, question_task
 from fmrilm.instruct.evaluate import load_model, run_evaluate
 from fmrilm.instruct.paradigm_eval import last_prompt_states
@@ -97,7 +98,7 @@ def test_single_writes_rows_tables_predictions_and_settings(data):
     out, rows = data["single"], data["rows"]
     saved = json.loads((out / "results.json").read_text())["rows"]
     assert len(saved) == len(rows) and {r["task"] for r in saved} == {"sex", "age_group", "age"}
-    by = {(r.task, r.metric): r for r in rows}
+    by = {(r.task, r.metric): r for r in rows if r.method == "fmrilm"}
     for task in ("sex", "age_group"):
         for metric in ("accuracy", "balanced_accuracy", "f1"):
             assert by[task, metric].n_seeds == 2 and by[task, metric].setting == "full" and by[task, metric].shots is None
@@ -125,7 +126,7 @@ def test_test_subjects_are_the_recorded_test_split_and_never_training_subjects(d
 
 def test_metrics_equal_scikit_learn_on_the_saved_predictions(data):
     predictions = read_predictions(data["single"])
-    by = {(r.task, r.metric): r for r in data["rows"]}
+    by = {(r.task, r.metric): r for r in data["rows"] if r.method == "fmrilm"}  # decided on calibrated proba
     per_model = {}
     for model, part in predictions.groupby("model"):
         sex, bins, age = (part[part.task == t] for t in ("sex", "age_group", "age"))
@@ -165,6 +166,23 @@ def test_probe_states_do_not_depend_on_padding_or_batch(data):
     alone = np.concatenate([last_prompt_states(model, features[i:i + 1], prompts[i:i + 1]) for i in (0, 1)])
     assert both.shape[0] == 2 and np.isfinite(both).all()
     np.testing.assert_allclose(both, alone, atol=1e-4)
+
+
+def test_instruct_stores_a_calibration_fitted_on_training_scans_used_by_evaluate(data):
+    for inst, info in zip(data["insts"], data["infos"]):
+        calibration, cohort = Calibration.load(inst), info["cohorts"][0]
+        assert set(calibration.tasks) == {"sex", "age_group"}  # the question tasks (age: its bins)
+        for entry in calibration.tasks.values():
+            assert set(entry.scans) <= set(cohort["train_scans"])
+            assert not set(entry.scans) & set(cohort["split"]["test"])
+            assert entry.n_scans == len(entry.scans) > 0 and np.isfinite(entry.bias).all()
+    runs = json.loads((data["single"] / "evaluate.json").read_text())["runs"]
+    assert all(run["calibration"]["source"] == "stored" for run in runs)
+    predictions = read_predictions(data["single"])
+    assert predictions[predictions["head"] == "constrained"]["calibrated"].all()
+    methods = {(r.method, r.task) for r in data["rows"]}
+    assert {("fmrilm (uncalibrated)", "sex"), ("fmrilm (uncalibrated)", "age_group")} <= methods
+    assert ("fmrilm (uncalibrated)", "age") not in methods  # the probe is not calibrated
 
 
 # ------------------------------------------------------------------------------------------ multi and open

@@ -35,7 +35,7 @@ from fmrilm.tokenizer import (
     tokens_to_sequence,
     unpatchify,
 )
-from fmrilm.tokenizer.model import sincos_embedding
+from fmrilm.tokenizer.model import pool_features, sincos_embedding
 
 N, T, P = 11, 64, 16
 W = T // P
@@ -247,6 +247,22 @@ def test_siglip_equals_hand_computation():
     assert float(siglip_loss(f, g, t, b)) == pytest.approx(total / 5, rel=1e-10)
 
 
+@pytest.mark.parametrize("batch", [2, 8, 32])
+def test_siglip_bias_for_the_batch_balances_unrelated_pairs(batch):
+    module = ContrastiveLoss(small_config(contrastive="siglip"))
+    module.init_bias_for_batch(batch)
+    assert module.logit_bias.item() == pytest.approx(-math.log(batch - 1))
+    basis = torch.eye(2 * batch)
+    f, g = basis[:batch], basis[batch:]  # every fMRI embedding orthogonal to every text embedding: cos = 0
+    loss = siglip_loss(f, g, module.logit_scale, module.logit_bias)
+    (grad,) = torch.autograd.grad(loss, module.logit_bias)
+    assert abs(grad.item()) < 1e-5  # one positive's pull = batch - 1 negatives' push
+    with torch.no_grad():
+        module.logit_bias.fill_(-10.0)  # SigLIP's 32k-batch value: every pair pulls the bias up
+    (grad,) = torch.autograd.grad(siglip_loss(f, g, module.logit_scale, module.logit_bias), module.logit_bias)
+    assert grad.item() < -0.9
+
+
 def test_clip_equals_hand_computation():
     f, g = _normalised(4, 6, 3), _normalised(4, 6, 4)
     t = torch.tensor(math.log(1 / 0.07), dtype=torch.float64)
@@ -262,7 +278,8 @@ def test_contrastive_module_projects_and_normalises(kind):
     if kind == "siglip":
         assert module.logit_scale.item() == pytest.approx(math.log(10)) and module.logit_bias.item() == -10
     pooled, text = torch.randn(6, 32), torch.randn(6, 20)
-    f, g = F.normalize(module.fmri_proj(pooled), dim=-1), F.normalize(module.text_proj(text), dim=-1)
+    standardised = (pooled - pooled.mean(0)) / torch.sqrt(pooled.var(0, unbiased=False) + 1e-5)  # batch statistics
+    f, g = F.normalize(module.fmri_proj(standardised), dim=-1), F.normalize(module.text_proj(text), dim=-1)
     if kind == "siglip":
         expected = siglip_loss(f, g, module.logit_scale, module.logit_bias)
     else:
@@ -442,3 +459,19 @@ def test_paper_size_parameter_counts(name, low, high, paper):
     assert low < _count(config) < high  # encoder + 2-block decoder
     # With a decoder as deep as the encoder the counts land within 10 % of the paper's trainable sizes.
     assert _count(load_preset(name, n_rois=450, decoder_layers=config.layers)) == pytest.approx(paper, rel=0.1)
+
+
+def test_roi_pooling_keeps_each_roi_and_a_batch_of_one_uses_running_statistics():
+    config = small_config(contrast_pooling="roi")
+    features = torch.randn(3, 4, config.n_rois, config.hidden)  # (B, W, N, h)
+    pooled = pool_features(features, "roi")
+    assert pooled.shape == (3, config.n_rois * config.hidden)
+    torch.testing.assert_close(pooled[1, : config.hidden], features[1, :, 0].mean(0))  # ROI 0 first, then ROI 1
+    torch.testing.assert_close(pool_features(features, "mean"), features.mean(dim=(1, 2)))
+    module = ContrastiveLoss(config)
+    one = module.project_fmri(pooled[:1])  # training mode, one scan: the running statistics (0 and 1 at the start)
+    torch.testing.assert_close(one, F.normalize(module.fmri_proj(pooled[:1] / math.sqrt(1 + 1e-5)), dim=-1))
+    with pytest.raises(FmrilmError, match="pooled fMRI features.*expected"):
+        module.project_fmri(torch.randn(2, config.hidden))
+    with pytest.raises(FmrilmError, match="contrast_pooling must be one of mean, roi"):
+        small_config(contrast_pooling="max")

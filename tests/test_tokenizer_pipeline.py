@@ -289,3 +289,66 @@ def test_quick_preset_learns_on_a_simulated_cohort(tmp_path):
     assert metrics["codebook_usage"] > 0.2
     assert metrics["retrieval_f2t_top1"] > 3 * metrics["retrieval_chance_top1"]
     assert metrics["retrieval_t2f_top1"] > 3 * metrics["retrieval_chance_top1"]
+
+
+# ------------------------------------------------------------------------------------------------- text fields
+def test_domain_texts_are_pooled_one_by_one_and_concatenated(described, tmp_path):
+    from fmrilm.lm.backbone import load_backbone, text_features
+
+    cohort, desc = described
+    out = tmp_path / "tok"
+    fields = ["fc", "graph"]
+    train(described, out, train=train_config(epochs=1), text_fields=fields, text_pooling="mean", text_depth=0.5)
+    config = json.loads((out / "config.json").read_text())["config"]
+    assert config["text_dim"] == 2 * 32 and config["llm_embed_dim"] == 32  # tiny GPT-2: hidden 32
+    run = json.loads((out / "run.json").read_text())
+    assert run["text_fields"] == fields and run["text_depth"] == 0.5 and run["text_pooling"] == "mean"
+    # The training features are the two fields' features side by side, in the order given.
+    records = {r["scan_id"]: r for r in map(json.loads, (desc / "texts.jsonl").read_text().splitlines())}
+    with load_cohort(cohort) as opened:
+        ids = list(opened.scans["scan_id"])
+    model, tokenizer = load_backbone("tiny-gpt2", dtype=torch.bfloat16)
+    for k, field in enumerate(fields):
+        cached = load_file(out / "cache" / f"text_features_{field}.safetensors")["features"]
+        expected = text_features(model, tokenizer, [records[s][field] for s in ids], pooling="mean", depth=0.5,
+                                 max_length=256)
+        torch.testing.assert_close(cached, expected, atol=1e-5, rtol=1e-4)
+    assert (out / "eval.json").is_file()
+
+
+def test_unknown_or_empty_text_fields_are_refused_before_training(described, tmp_path):
+    cohort, desc = described
+    with pytest.raises(FmrilmError, match="text field 'fmri' is not one of text, fc, fg, ica, graph"):
+        train(described, tmp_path / "a", text_fields=["fc", "fmri"])
+    with pytest.raises(FmrilmError, match="text_fields is empty"):
+        train(described, tmp_path / "b", text_fields=[])
+    blank = edited_descriptors(desc, tmp_path / "c", lambda rs: [{**r, "graph": ""} for r in rs])
+    with pytest.raises(FmrilmError, match="has no 'graph' text in .*describe the cohort with that domain"):
+        run_train_tokenizer(cohort, blank, tmp_path / "d", llm="tiny-gpt2", text_fields=["fc", "graph"])
+    assert not any((tmp_path / name).exists() for name in ("a", "b", "d"))
+
+
+def test_cli_passes_text_fields_and_names_a_bad_one(described, tmp_path, capsys):
+    from fmrilm.cli import main
+
+    cohort, desc = described
+    code = main(["train-tokenizer", str(cohort), "--descriptors", str(desc), "--out", str(tmp_path / "tok"),
+                 "--llm", "tiny-gpt2", "--text-fields", "fc, bogus", "--text-depth", "0.5"])
+    assert code == 2 and "text field 'bogus' is not one of" in capsys.readouterr().err
+    assert not (tmp_path / "tok").exists()
+
+
+def test_an_overwrite_reuses_the_text_features_of_the_run_it_replaces(described, tmp_path, monkeypatch):
+    import fmrilm.lm.backbone as backbone
+
+    out = tmp_path / "tok"
+    train(described, out, train=train_config(epochs=1))
+    old_cache = sorted(p.name for p in (out / "cache").iterdir())
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("text features were recomputed")
+
+    monkeypatch.setattr(backbone, "_compute_features", no_forward)
+    train(described, out, train=train_config(epochs=1, seed=1), overwrite=True)
+    assert sorted(p.name for p in (out / "cache").iterdir()) == old_cache
+    assert json.loads((out / "run.json").read_text())["tokenizer_config"] and (out / "tokenizer_meta.json").is_file()

@@ -122,6 +122,13 @@ def _add_train_tokenizer(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="TOK")
     p.add_argument("--preset", default="quick", help="tokenizer preset: quick, tiny, S, B, L or a JSON file")
     p.add_argument("--llm", default="smollm2-135m", help="LLM whose text space the tokens align with (name or directory)")
+    p.add_argument("--text-fields", default="fc,fg,ica,graph", metavar="FIELDS",
+                   help="descriptor texts pooled one by one and concatenated: the four domains (default) or 'text' "
+                        "(the whole paragraph, the paper's choice)")
+    p.add_argument("--text-pooling", choices=("last", "mean"), default="mean",
+                   help="pool the LLM states over all of a text's tokens (default) or at its last token (the paper's)")
+    p.add_argument("--text-depth", type=float, default=0.8, metavar="FRACTION",
+                   help="LLM layer to pool, as a fraction of its depth (default 0.8; the paper's: 1.0, the output)")
     _add_train_options(p, epochs=None)
     p.set_defaults(func=cmd_train_tokenizer)
 
@@ -134,8 +141,10 @@ def _add_train_options(p: argparse.ArgumentParser, epochs: int | None) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (resume later)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT/train")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in OUT/train (or an interrupted --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a finished OUT, only once the new run is complete")
 
 
 def train_overrides(args: argparse.Namespace) -> dict:
@@ -148,8 +157,10 @@ def train_overrides(args: argparse.Namespace) -> dict:
 def cmd_train_tokenizer(args: argparse.Namespace) -> None:
     from fmrilm.tokenizer.pipeline import run_train_tokenizer
 
+    fields = [f.strip() for f in args.text_fields.split(",") if f.strip()]
     metrics = run_train_tokenizer(args.cohort, args.descriptors, args.out, preset=args.preset, llm=args.llm,
-                                  train=train_overrides(args), resume=args.resume, overwrite=args.overwrite)
+                                  train=train_overrides(args), text_fields=fields, text_pooling=args.text_pooling,
+                                  text_depth=args.text_depth, resume=args.resume, overwrite=args.overwrite)
     print(f"wrote {args.out}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
 
 

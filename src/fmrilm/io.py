@@ -23,10 +23,7 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
     first, so it is never lost.
     """
     path = Path(path)
-    if not path.exists():
-        for old in _stale_siblings(path, "old"):
-            os.replace(old, path)
-            break
+    _put_back_set_aside(path)
     if path.exists() and not overwrite:
         raise FmrilmError(f"output {path} already exists; choose another --out or pass --overwrite")
     if path.exists() and not path.is_dir():
@@ -51,13 +48,27 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Itera
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _swap_in(tmp, path)
+
+
+def _swap_in(new: Path, path: Path) -> None:
+    """Replace ``path`` by the directory ``new``: two renames, the old output set aside in between (a run killed
+    there leaves it aside under a name that :func:`check_output_dir` recognises and puts back)."""
     old = None
     if path.exists():
         old = path.with_name(f".{path.name}.old-{_owner()}-")
         os.replace(path, old)
-    os.replace(tmp, path)
+    os.replace(new, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _put_back_set_aside(path: Path) -> None:
+    if not path.exists():
+        for old in _stale_siblings(path, "old"):
+            with contextlib.suppress(FileNotFoundError):  # another process of the same launch put it back first
+                os.replace(old, path)
+            break
 
 
 def _owner() -> str:
@@ -154,3 +165,68 @@ def check_same_run(path: Path, run: dict) -> None:
     if changed:
         raise FmrilmError(f"cannot resume {path.parent}: {', '.join(changed)} differ from the interrupted run; "
                           "use the run's settings (see run.json) or start a new --out")
+
+
+# ------------------------------------------------------------------------------------- training outputs
+def staging_dir(out: str | os.PathLike) -> Path:
+    """Where a training run started with ``overwrite`` builds the replacement of ``out``: ``.<name>.overwrite``
+    beside it (a fixed name, so that ``resume`` finds an overwrite in progress)."""
+    out = Path(out)
+    return out.parent / f".{out.name}.overwrite"
+
+
+def training_output(out: Path, resume: bool, overwrite: bool, *, marker: str, what: str, train_dir: str,
+                    owned: tuple[str, ...] | None = None, keep: tuple[str, ...] = (),
+                    command: str = "this command") -> Path:
+    """Check ``out`` (:func:`check_training_output`, same arguments) and return the directory to build in.
+
+    A fresh run with ``overwrite`` of an existing, non-empty ``out`` builds in :func:`staging_dir` and leaves ``out``
+    as it is until :func:`publish_output` swaps the finished run in: an overwrite that is killed, fails or stops at
+    ``max_steps`` never touches the old output. ``resume`` continues such an overwrite (its staging directory holds
+    checkpoints) before anything else; other runs build in ``out`` itself.
+    """
+    out, staging = Path(out), staging_dir(out)
+    _put_back_set_aside(out)
+    if resume and any((staging / train_dir / "checkpoints").glob("step-*")):
+        return check_training_output(staging, True, True, marker=marker, what=what, train_dir=train_dir)
+    check_training_output(out, resume, overwrite, marker=marker, what=what, train_dir=train_dir, owned=owned,
+                          keep=keep, command=command)
+    if overwrite and not resume and out.is_dir() and any(out.iterdir()):
+        return staging
+    return out
+
+
+def publish_output(work: str | os.PathLike, out: str | os.PathLike) -> None:
+    """Replace ``out`` by the finished run in ``work`` (nothing to do when they are the same directory).
+
+    Entries of the old ``out`` that ``work`` lacks (files the stage does not write) are carried over first, as
+    hard links where possible, so they survive the swap; then the two directories are swapped by renames.
+    """
+    work, out = Path(work).absolute(), Path(out).absolute()
+    if work == out:
+        return
+    if out.is_dir():
+        for entry in out.iterdir():
+            target = work / entry.name
+            if target.exists() or target.is_symlink():
+                continue
+            link_tree(entry, target)
+    _swap_in(work, out)
+
+
+def link_tree(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Copy a file or directory tree from ``source`` to ``target`` as hard links where possible (no extra space)."""
+    if os.path.isdir(source) and not os.path.islink(source):
+        shutil.copytree(source, target, symlinks=True, copy_function=_link_or_copy, dirs_exist_ok=True)
+    else:
+        _link_or_copy(source, target)
+
+
+def _link_or_copy(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    if os.path.islink(source):
+        shutil.copy2(source, target, follow_symlinks=False)
+        return
+    try:
+        os.link(source, target)
+    except OSError:  # another file system, or links not supported
+        shutil.copy2(source, target)

@@ -230,7 +230,8 @@ def _train_tokenizer(cohort: Path, descriptors: Path, s: dict, tmp: Path) -> Non
 
     metrics = run_train_tokenizer(cohort, descriptors, tmp, preset=s["preset"], llm=s["llm"], train=s["train"],
                                   overrides=s["overrides"], held_out_fraction=s["held_out_fraction"],
-                                  text_pooling=s["text_pooling"], overwrite=True)
+                                  text_pooling=s["text_pooling"], text_fields=s["text_fields"],
+                                  text_depth=s["text_depth"], overwrite=True)
     _check_finished("tokenizer", metrics)
 
 

@@ -13,7 +13,11 @@ Data order. ``batch_size`` is per process. Epoch e visits a permutation seeded b
 holds its items [j*B*P, (j+1)*B*P) and process p takes the p-th part, so P processes at batch B see what one
 process at batch B*P sees (the last, short, micro-batch is split as evenly as possible). An optimizer step takes
 ``gradient_accumulation`` micro-batches. The lr schedule spans ``epochs``, never ``max_steps``, so stopping early
-and resuming change nothing.
+and resuming change nothing. Random draws inside the dataset's ``__getitem__`` (``random``, NumPy, torch on the
+CPU; e.g. a sampled prompt) are seeded by (seed, epoch, item index), so an item is the same whichever process or
+worker loads it. DDP averages the processes' losses: P processes at batch B follow one process at batch B with
+P-step gradient accumulation exactly, and one process at batch B*P too when each item's loss has the same weight
+(a mean over a fixed number of elements; a token-mean loss over texts of unequal length weights tokens otherwise).
 
 Checkpoints keep what training changes (:func:`checkpoint_state`): the parameters with ``requires_grad`` and the
 persistent buffers (running statistics, codebooks), each shared tensor once. A frozen LLM is not copied into every
@@ -42,6 +46,13 @@ fmrilm.cli ...``; with device "cpu" (or "auto" on a machine without CUDA) the pr
 SLURM: one launcher per node (srun) with ``--num_machines $SLURM_NNODES --machine_rank $SLURM_NODEID
 --main_process_ip <first node>``. Only the main process logs and writes. Precision comes from
 ``TrainConfig.precision``; the launcher's ``--mixed_precision`` is ignored.
+
+DeepSpeed ZeRO-2 (optimizer states and gradients sharded over the processes; for full fine-tuning of a larger LLM):
+``accelerate launch --config_file src/fmrilm/presets/accelerate/zero2.yaml --num_processes 8 -m fmrilm align ...``.
+The micro-batch, clipping and accumulation come from the TrainConfig (DeepSpeed steps at the last micro-batch of
+a step). Checkpoints of a DeepSpeed run hold the whole model but only the main process's optimizer shard, so such
+a run cannot be resumed (refused). ZeRO-3 is refused: evaluation and saving on the main process need whole
+parameters, which ZeRO-3 partitions. DeepSpeed is not a dependency and this path is untested here (no GPU).
 """
 
 from __future__ import annotations
@@ -64,6 +75,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from accelerate.utils import DistributedType
 from accelerate.utils import broadcast_object_list, gather_object, send_to_device
 from accelerate.utils import set_seed as _accelerate_set_seed
 from safetensors.torch import load_file, save_file
@@ -72,7 +84,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from fmrilm.errors import FmrilmError
-from fmrilm.io import atomic_output_dir, sha256_file, write_json_atomic
+from fmrilm.io import atomic_output_dir, publish_output, sha256_file, write_json_atomic
 
 CHECKPOINT_FILES = ("model.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json")
 _CHECKPOINT_NAME = re.compile(r"step-\d{8}")
@@ -307,6 +319,29 @@ class _ShardedBatches(Sampler[list[int]]):
         return max(0, math.ceil(self.n / self.size) - self.start)
 
 
+class _SeededItems(Dataset):
+    """``data[i]`` with ``random``, NumPy and the CPU torch generator seeded by (seed, epoch, i), restored after."""
+
+    def __init__(self, data: Dataset, seed: int, epoch: int):
+        self.data, self.seed, self.epoch = data, seed, epoch
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> Any:
+        saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        value = int(np.random.SeedSequence([self.seed, self.epoch, int(i)]).generate_state(1)[0])
+        random.seed(value)
+        np.random.seed(value)
+        torch.default_generator.manual_seed(value)  # not torch.manual_seed, which would reseed CUDA as well
+        try:
+            return self.data[i]
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.set_rng_state(saved[2])
+
+
 class _Mean:
     """Running mean of the loss parts over micro-batches; ``reduce`` also averages over processes."""
 
@@ -362,9 +397,13 @@ def _make_accelerator(config: TrainConfig) -> Accelerator:
     # Accelerate keeps one state per process and refuses a second Accelerator with another precision; stages run
     # one after another in one process, so forget the finished stage's state (the process group stays)
     AcceleratorState._reset_state(reset_partial_state=False)
-    # without cpu=True a torchrun-launched CPU-only job would run as independent single processes
+    # without cpu=True a torchrun-launched CPU-only job would run as independent single processes; DeepSpeed joins
+    # them itself (gloo on a CPU) and needs cpu=False
     cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
-    accelerator = Accelerator(mixed_precision="bf16" if config.precision == "bf16" else "no", cpu=cpu)
+    accelerator = Accelerator(mixed_precision="bf16" if config.precision == "bf16" else "no",
+                              cpu=cpu and not _deepspeed_launch())
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        _configure_deepspeed(accelerator, config)
     if accelerator.num_processes > 1:  # gloo/NCCL threads alive at interpreter exit abort the process
         atexit.register(_destroy_process_group)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -372,6 +411,21 @@ def _make_accelerator(config: TrainConfig) -> Accelerator:
         raise FmrilmError(f"the launcher started {launched} processes (WORLD_SIZE) but Accelerate joined "
                           f"{accelerator.num_processes}; use device='cpu' or 'auto' for CPU training")
     return accelerator
+
+
+def _deepspeed_launch() -> bool:
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"  # set by accelerate launch
+
+
+def _configure_deepspeed(accelerator: Accelerator, config: TrainConfig) -> None:
+    """The DeepSpeed settings that must follow the TrainConfig: micro-batch and clipping; the Trainer accumulates
+    gradients itself, so DeepSpeed's own accumulation is 1. ZeRO-3 is refused (see the module docstring)."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin.zero_stage == 3:
+        raise FmrilmError("DeepSpeed ZeRO-3 is not supported by the fmrilm Trainer (evaluation and checkpoints on the "
+                          "main process need whole parameters); launch with presets/accelerate/zero2.yaml")
+    plugin.deepspeed_config.update(train_micro_batch_size_per_gpu=config.batch_size, gradient_accumulation_steps=1,
+                                   gradient_clipping=config.grad_clip)
 
 
 def _destroy_process_group() -> None:
@@ -409,6 +463,7 @@ class Trainer:
         self.config, self.out_dir, self.train_data = config, Path(out_dir), train_data
         self.collate_fn, self.eval_fn = collate_fn, eval_fn
         self.accelerator = _make_accelerator(config)
+        self._deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
         params = [p for p in (model.parameters() if trainable_params is None else trainable_params) if p.requires_grad]
         if not params:
             raise FmrilmError("the model has no trainable parameter (none has requires_grad=True); unfreeze some")
@@ -456,6 +511,13 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         return dict(self._last_metrics)
 
+    def publish(self, work: str | Path, out: str | Path) -> None:
+        """Main process: replace ``out`` by the finished stage output built in ``work`` (a staging directory of an
+        overwrite, see :func:`fmrilm.io.training_output`); every process waits for it."""
+        if self.accelerator.is_main_process:
+            publish_output(work, out)
+        self.accelerator.wait_for_everyone()
+
     def _finished(self) -> bool:
         limit = self.config.max_steps
         return self._pos.epoch >= self.config.epochs or (limit is not None and self._pos.step >= limit)
@@ -494,6 +556,10 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     def _check_resumable(self, state: Mapping[str, Any], ckpt: Path) -> None:
+        if state.get("deepspeed") or self._deepspeed:
+            raise FmrilmError(f"cannot resume from {ckpt}: DeepSpeed runs do not resume (ZeRO shards the optimizer "
+                              "states over the processes and a checkpoint keeps the main process's part only); start "
+                              "the run again, or train without the DeepSpeed config (DDP) for resumable checkpoints")
         for key in _RESUME_FIXED:
             old, new = state["config"][key], getattr(self.config, key)
             if old != new:
@@ -521,7 +587,8 @@ class Trainer:
         sampler = _ShardedBatches(len(self.train_data), cfg.batch_size, self.accelerator.num_processes,
                                   self.accelerator.process_index, cfg.seed, pos.epoch, pos.batch)
         # a generator of its own keeps the DataLoader from drawing on the global RNG when it starts an epoch
-        loader = DataLoader(self.train_data, batch_sampler=sampler, collate_fn=self.collate_fn,
+        items = _SeededItems(self.train_data, cfg.seed, pos.epoch)
+        loader = DataLoader(items, batch_sampler=sampler, collate_fn=self.collate_fn,
                             num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
         batches, epoch = iter(loader), pos.epoch
         while pos.epoch == epoch and not self._finished():  # _after_step moves on to the next epoch
@@ -536,6 +603,7 @@ class Trainer:
     def _train_step(self, batches: Iterator[Any], n: int) -> dict[str, torch.Tensor]:
         for i in range(n):
             batch = send_to_device(next(batches), self.accelerator.device)
+            self.accelerator.gradient_state._set_sync_gradients(i == n - 1)  # DeepSpeed steps at the last one
             # DDP all-reduces gradients only after the step's last micro-batch
             with contextlib.nullcontext() if i == n - 1 else self.accelerator.no_sync(self.model):
                 out = self.model(batch)
@@ -617,10 +685,12 @@ class Trainer:
         final = self.out_dir / "checkpoints" / f"step-{pos.step:08d}"
         state = {"step": pos.step, "epoch": pos.epoch, "batch_in_epoch": pos.batch,
                  "num_processes": self.accelerator.num_processes, "config": self.config.to_dict(),
-                 "meters": meters, "last_metrics": self._last_metrics, "frozen_sha256": self._frozen_sha256()}
+                 "meters": meters, "last_metrics": self._last_metrics, "frozen_sha256": self._frozen_sha256(),
+                 "deepspeed": self._deepspeed}
         with atomic_output_dir(final, overwrite=True) as tmp:
             save_file(checkpoint_state(self.unwrapped_model), str(tmp / "model.safetensors"))
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            # a DeepSpeed run does not resume, and ZeRO's optimizer state is sharded: nothing worth keeping
+            torch.save({} if self._deepspeed else self.optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
             torch.save(rng, tmp / "rng.pt")
             write_json_atomic(tmp / "trainer_state.json", state)

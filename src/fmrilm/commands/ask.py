@@ -21,6 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cohort", metavar="NAME", help="cohort named in the prompt (default: the model's first)")
     p.add_argument("--generate", action="store_true", help="answer a question matching no task by free generation")
     p.add_argument("--json", action="store_true", help="print the whole answer (every class probability) as JSON")
+    p.add_argument("--no-calibration", dest="calibrate", action="store_false",
+                   help="raw class probabilities, without the model's class-prior calibration")
     p.set_defaults(func=cmd_ask)
 
 
@@ -28,5 +30,6 @@ def cmd_ask(args: argparse.Namespace) -> None:
     from fmrilm.instruct.ask import ask
 
     answer = ask(args.model, args.scan, args.question, task=args.task, tr=args.tr, site=args.site,
-                 mat_key=args.mat_key, transpose=args.transpose, dataset=args.cohort, generate=args.generate)
+                 mat_key=args.mat_key, transpose=args.transpose, dataset=args.cohort, generate=args.generate,
+                 calibrate=args.calibrate)
     print(json.dumps(answer.to_dict(), indent=2) if args.json else str(answer))

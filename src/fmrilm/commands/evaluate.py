@@ -23,6 +23,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--budget-steps", type=int, default=20, help="optimizer steps of each K-shot fine-tuning")
     p.add_argument("--method", default="fmrilm", help="method name in the result tables")
     p.add_argument("--batch-size", type=int, default=8, help="scans per forward pass")
+    p.add_argument("--no-calibration", dest="calibration", action="store_false",
+                   help="decide single answers on the raw class probabilities, not on those corrected by the "
+                        "model's class-prior calibration (fitted on training scans; default: calibrated, with "
+                        "'(uncalibrated)' rows beside)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out (once the new one is complete)")
     p.set_defaults(func=cmd_evaluate)
 
@@ -32,9 +36,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     rows = run_evaluate(args.model, args.cohort, args.out, tasks=args.tasks, paradigm=args.paradigm,
                         seeds=args.seeds, shots=args.shots, budget_steps=args.budget_steps, method_name=args.method,
-                        batch_size=args.batch_size, overwrite=args.overwrite)
+                        batch_size=args.batch_size, calibration=args.calibration, overwrite=args.overwrite)
     print(f"wrote {args.out}: {len(rows)} result rows (results.json, results.md, predictions.jsonl)")
     for row in rows:
         shots = "all" if row.shots is None else f"{row.shots}-shot"
+        raw = " uncalibrated" if row.method != args.method else ""
         print(f"  {row.task:<18} {row.metric:<18} {row.mean:.3f} ± {row.std:.3f}  "
-              f"({row.setting}, {shots}, n_seeds={row.n_seeds})")
+              f"({row.setting}, {shots}, n_seeds={row.n_seeds}{raw})")

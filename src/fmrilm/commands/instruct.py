@@ -20,6 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="add semantic descriptions (never stating a target) to cognition and diagnosis prompts")
     p.add_argument("--max-text-tokens", type=int, default=None, metavar="N",
                    help="token budget of prompt + answer (default 192)")
+    p.add_argument("--calibration", choices=("bias", "mean", "none"), default="bias",
+                   help="class-prior calibration of the constrained answers, fitted on training scans at the end "
+                        "(bias: per-class bias by maximum likelihood, default; mean: label-free; none)")
     p.add_argument("--out", required=True, metavar="INST")
     _add_train_options(p, epochs=None)  # --seed: the split seed, and the training seed
     p.set_defaults(func=cmd_instruct)
@@ -32,7 +35,8 @@ def cmd_instruct(args: argparse.Namespace) -> None:
     info = run_instruct(args.cohort, args.model, args.out, tasks=args.tasks, paradigms=args.paradigms,
                         seed=args.seed or 0, semantic=args.semantic, train=train_overrides(args),
                         **({} if args.max_text_tokens is None else {"max_text_tokens": args.max_text_tokens}),
-                        resume=args.resume, overwrite=args.overwrite)
+                        resume=args.resume, overwrite=args.overwrite,
+                        calibration=None if args.calibration == "none" else args.calibration)
     if not info.get("finished", True):
         print(f"stopped {args.out} after {info['steps_done']} of {info['total_steps']} steps; continue with --resume")
         return

@@ -10,7 +10,8 @@ answer is one of them (used for AUC); eos is scored too, because training answer
 "control" from "control group". ``normalize=True`` divides by the number of tokens (a per-token mean that
 no longer favours short answers, at the cost of that probabilistic reading). Prompt and answer are tokenized
 separately, exactly as :func:`encode_example` does for training, so the leading space after "### Answer:"
-is the answer's first token in both.
+is the answer's first token in both. The LLM may prefer one answer string whatever the scan;
+:mod:`fmrilm.instruct.calibration` removes that preference with a class-prior bias fitted on training scans.
 
 Parsing
 -------
@@ -252,17 +253,25 @@ def _evaluating(model):
         model.train(was_training)
 
 
-def class_probabilities(model, features: Tensor, prompts: str | Sequence[str], task: str | TaskSpec,
-                        tokenizer=None, normalize: bool = False) -> Tensor:
-    """(B, C) probabilities of a classification task's classes in class-code order, from prompt texts
-    (one for all scans or one per scan) and the task's canonical answers as candidates."""
+def class_log_probabilities(model, features: Tensor, prompts: str | Sequence[str], task: str | TaskSpec,
+                            tokenizer=None, normalize: bool = False) -> Tensor:
+    """(B, C) log-probabilities of a classification task's classes in class-code order (log-softmax of
+    :func:`class_scores`), from prompt texts (one for all scans or one per scan) and the task's canonical
+    answers as candidates."""
     spec, _ = resolve(task)
     if spec.kind == "regression":
         raise FmrilmError(f"task {spec.name} is a regression; generate its answer and parse the number instead")
     tokenizer = model.tokenizer if tokenizer is None else tokenizer
     one = isinstance(prompts, str)
     ids = encode_prompt(tokenizer, prompts) if one else [encode_prompt(tokenizer, p) for p in prompts]
-    return class_scores(model, features, ids, answer_words(spec), tokenizer, normalize=normalize).softmax(-1)
+    return class_scores(model, features, ids, answer_words(spec), tokenizer, normalize=normalize).log_softmax(-1)
+
+
+def class_probabilities(model, features: Tensor, prompts: str | Sequence[str], task: str | TaskSpec,
+                        tokenizer=None, normalize: bool = False) -> Tensor:
+    """(B, C) probabilities of a classification task's classes in class-code order: the softmax of
+    :func:`class_log_probabilities`, uncalibrated (:mod:`fmrilm.instruct.calibration` corrects class priors)."""
+    return class_log_probabilities(model, features, prompts, task, tokenizer, normalize).exp()
 
 
 # -------------------------------------------------------------------------------------------- parsing

@@ -12,8 +12,10 @@ model's frozen Stage 1 tokenizer, and answers in four steps:
    naming the allowed answers ("Answer with male or female."); a question that does not name all of them gets
    that hint appended.
 4. **Answer.** Constrained scoring over the allowed answers
-   (:func:`fmrilm.instruct.answer.class_probabilities`): the answer is the most probable class and its
-   probability the softmax over the classes' whole-answer log-probabilities.
+   (:func:`fmrilm.instruct.answer.class_log_probabilities`): the answer is the most probable class and its
+   probability the softmax over the classes' whole-answer log-probabilities, after subtracting the model's
+   class-prior bias of that task (``calibration.json``, fitted on training scans at the end of ``fmrilm instruct``,
+   :mod:`fmrilm.instruct.calibration`) when it has one and ``calibrate`` is left on (``--no-calibration``).
 
 Matching a question to a task
 -----------------------------
@@ -51,7 +53,8 @@ import torch
 
 from fmrilm.errors import FmrilmError, FmrilmWarning
 from fmrilm.evaluate.protocol import TaskSpec
-from fmrilm.instruct.answer import class_probabilities, encode_prompt
+from fmrilm.instruct.answer import class_log_probabilities, encode_prompt
+from fmrilm.instruct.calibration import Calibration, apply_bias
 from fmrilm.instruct.data import question_task
 from fmrilm.instruct.prompts import (
     TASK_TEXT, answer_hint, answer_words, build_prompt, label_aliases, open_fields, paraphrases, resolve,
@@ -78,6 +81,7 @@ class Answer:
     matched: str | None = None  # the registry task the question was matched to (a regression task: its bins)
     prompt: str = ""  # what the model read after the fMRI block
     method: str = "scored"  # "scored" (constrained over the allowed answers) or "generated"
+    calibrated: bool = False  # probabilities corrected by the model's class-prior calibration of the task
 
     def __str__(self) -> str:
         if self.method == "generated":
@@ -179,7 +183,7 @@ def _cohort_name(info: dict) -> str | None:
 # ------------------------------------------------------------------------------------------ ask
 def ask(model_dir, scan_file: str | os.PathLike, question: str, *, task: str | None = None,
         tr: float | None = None, site: str | None = None, mat_key: str | None = None, transpose: bool = False,
-        dataset: str | None = None, generate: bool = False, seed: int = 0) -> Answer:
+        dataset: str | None = None, generate: bool = False, seed: int = 0, calibrate: bool = True) -> Answer:
     """Answer one question about one scan (module docstring).
 
     Parameters
@@ -203,6 +207,9 @@ def ask(model_dir, scan_file: str | os.PathLike, question: str, *, task: str | N
         Answer an unmatched question by free (greedy) generation instead of refusing it.
     seed
         Chooses the cohort sentence's wording.
+    calibrate
+        Correct the class probabilities with the model's stored class-prior calibration of the task, when it has
+        one (``Answer.calibrated`` says whether it did); False: the raw probabilities.
 
     Returns
     -------
@@ -218,10 +225,19 @@ def ask(model_dir, scan_file: str | os.PathLike, question: str, *, task: str | N
         return _generated(loaded.model, features, build_prompt(question.strip(), dataset, seed=seed))
     target = answer_task(matched)
     prompt = build_prompt(question_with_hint(question, target), dataset, tasks=[matched], seed=seed)
-    probs = class_probabilities(loaded.model, features, prompt, target)[0].tolist()
+    logp = class_log_probabilities(loaded.model, features, prompt, target).numpy()  # (1, C)
+    entry = _calibration(loaded, target) if calibrate else None
+    probs = apply_bias(logp, None if entry is None else entry.bias)[0].tolist()
     table = dict(zip(answer_words(target), probs))
     best = max(table, key=table.get)
-    return Answer(target, best, table[best], table, matched, prompt)
+    return Answer(target, best, table[best], table, matched, prompt, calibrated=entry is not None)
+
+
+def _calibration(loaded, task: str):
+    """The model's stored calibration of ``task`` (a TaskCalibration), or None."""
+    directory = getattr(loaded, "directory", None)
+    calibration = Calibration.load(directory) if directory is not None else None
+    return None if calibration is None else calibration.get(task)
 
 
 def _load(model_dir):

@@ -12,9 +12,8 @@
   :class:`InstructDataset`.
 * :class:`InstructDataset` item i is one training scan with a freshly sampled paradigm, task subset and
   training paraphrase: ``features`` (W, N, h), ``text_ids`` / ``text_labels`` (L,), loss on the answer only.
-  The draws use the process's global torch RNG, which the shared Trainer checkpoints, so a resumed run
-  samples exactly what an uninterrupted one does (with ``num_workers=0``, the default; DataLoader workers
-  draw from their own seeded RNGs, which a checkpoint does not hold).
+  The draws use the global torch RNG, which the shared Trainer seeds per item by (seed, epoch, index), so a
+  resumed run samples exactly what an uninterrupted one does, whichever process or worker loads the item.
 """
 
 from __future__ import annotations
@@ -248,7 +247,7 @@ class InstructDataset(Dataset):
         return sample_example(row, tasks, paradigm, rng, self.pools, self.semantic)
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
-        rng = random.Random(int(torch.randint(0, 2**62, ()).item()))  # the Trainer checkpoints torch's RNG
+        rng = random.Random(int(torch.randint(0, 2**62, ()).item()))  # seeded per item by the Trainer
         prompt, answer = self.example(i, rng)
         c, scan = self.items[i]
         features = torch.from_numpy(np.array(self.caches[c].features[scan]))

@@ -5,8 +5,10 @@ Outputs in ``R`` (written atomically)::
     results.json, results.md   one row per (method, cohort, task, paradigm, setting, shots, metric) with mean,
                                std and n_seeds (fmrilm.evaluate.results), tables laid out like Tables 3 / 4
     predictions.jsonl          one record per (run, task, scan): truth, prediction, class probabilities, prompt
-                               and generated answer, so ROC curves and error analyses can be drawn later
-    evaluate.json              the settings and, per run, the model, seed and test subjects
+                               and generated answer, so ROC curves and error analyses can be drawn later; a
+                               constrained answer's ``proba`` are the probabilities it was decided on (calibrated
+                               when ``calibrated``), ``proba_uncalibrated`` the raw ones
+    evaluate.json              the settings and, per run, the model, seed, test subjects and calibration used
 
 Runs and seeds. A model trained on the cohort (its ``instruct.json`` records the cohort and its split) is tested
 on its own recorded test subjects, never on a training subject; several models (one per training seed) give one
@@ -30,6 +32,13 @@ Paradigms (prompts are HELD-OUT paraphrases only, one drawn per scan with a seed
   ``flanker`` -> ``flanker_level``; cuts from the training split) and by a :class:`LinearProbe` on the hidden
   state of the last prompt token (after its bins question), fitted on the scans the model was trained on (the
   training part; k-shot: the k shots) (MAE, Pearson r).
+  Calibration (:mod:`fmrilm.instruct.calibration`): the LLM's a-priori preference for some answer strings is
+  removed by a per-class bias fitted on TRAINING scans only - the model's ``calibration.json`` (written by
+  ``fmrilm instruct`` from the scans it trained on; a k-shot model's from its k shots), else, for a model trained
+  on this cohort before calibration existed, fitted now on its recorded training scans (a warning says so); a
+  model with neither (an align output, a cohort it never saw) answers uncalibrated. ``calibration=False``
+  decides on the raw probabilities. A calibrated task also gets rows of the method ``"<method> (uncalibrated)"``
+  with the raw decision's metrics, so the effect is visible (the binary AUC is the same by construction).
 * ``multi``: all tasks in one prompt (a regression task asked as its bins, as trained), greedy generation (KV
   cache) parsed by :func:`parse_multi` in any order; accuracy, balanced accuracy and F1 per task (an unparsed
   answer is wrong; no AUC without probabilities) and ``parse_rate``; accuracy compares with ``single``'s.
@@ -44,6 +53,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -51,16 +61,18 @@ from pathlib import Path
 import pandas as pd
 
 from fmrilm.data.cohort import load_cohort
-from fmrilm.errors import FmrilmError
+from fmrilm.errors import FmrilmError, FmrilmWarning
 from fmrilm.evaluate.protocol import TASKS, Split, TaskSpec, check_split, get_task, make_splits
 from fmrilm.evaluate.results import ResultRow, rows_from_seeds, write_results
 from fmrilm.instruct.data import check_tasks, question_task
-from fmrilm.instruct.paradigm_eval import Run, evaluate_generated, evaluate_single
+from fmrilm.instruct.calibration import CALIBRATION_FILE, MAX_SCANS, Calibration, check_method, merge
+from fmrilm.instruct.paradigm_eval import UNCALIBRATED, Run, evaluate_generated, evaluate_single, fit_calibration
 from fmrilm.instruct.pipeline import INFO_FILE, InstructedModel, _check_grid
 from fmrilm.instruct.prompts import PARADIGMS
 from fmrilm.io import atomic_output_dir, check_output_dir, write_json_atomic
 
 PREDICTIONS_FILE, SETTINGS_FILE = "predictions.jsonl", "evaluate.json"
+RAW_SUFFIX = " (uncalibrated)"  # method of the result rows of raw (uncalibrated) constrained answers
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -139,17 +151,74 @@ def _few_shot_run(base: Run, cohort: Path, table: pd.DataFrame, spec: TaskSpec, 
                    base_columns=base.base_columns, shots=k)
 
 
-def _evaluate(run: Run, opened, table: pd.DataFrame, specs: list[TaskSpec], paradigm: str, batch_size: int):
+def _evaluate(run: Run, opened, table: pd.DataFrame, specs: list[TaskSpec], paradigm: str, batch_size: int,
+              calibration: Calibration | None):
     if paradigm == "single":
-        return evaluate_single(run, opened, table, specs, batch_size)
+        return evaluate_single(run, opened, table, specs, batch_size, calibration)
     return evaluate_generated(run, opened, table, specs, batch_size, paradigm)
+
+
+def _calibration(run: Run, opened, table: pd.DataFrame, specs: list[TaskSpec], paradigm: str, batch_size: int,
+                 enabled: bool) -> tuple[Calibration | None, dict]:
+    """The calibration a run decides with (module docstring) and how it was obtained, for ``evaluate.json``."""
+    if paradigm != "single":
+        return None, {"source": "not applicable (generated answers)"}
+    if not enabled:
+        return None, {"source": "off"}
+    stored = Calibration.load(run.model.directory)
+    if stored is not None:
+        return stored, {"source": "stored", **stored.to_dict()}
+    if run.trained:
+        warnings.warn(f"{run.model.directory} has no {CALIBRATION_FILE} (trained before calibration existed): "
+                      "fitting it now on its recorded training scans", FmrilmWarning, stacklevel=3)
+        fitted = fit_calibration(run, opened, table, specs, batch_size)
+        return fitted, {"source": "fitted at evaluation on the recorded training scans", **fitted.to_dict()}
+    warnings.warn(f"{run.model.directory} has no {CALIBRATION_FILE} and was not trained on {opened.path}: its "
+                  "answers are uncalibrated", FmrilmWarning, stacklevel=3)
+    return None, {"source": "absent"}
+
+
+# ------------------------------------------------------------------------------------------------ calibration
+def calibrate_model(directory: str | os.PathLike, info: dict, method: str = "bias", batch_size: int = 8,
+                    max_scans: int = MAX_SCANS) -> Calibration:
+    """Fit a freshly trained Stage 3 model's class-prior calibration and write ``directory/calibration.json``.
+
+    Parameters
+    ----------
+    directory : the model's files (``fmrilm instruct`` writes them before calling this; ``instruct.json`` may
+        still be missing).
+    info : its ``instruct.json`` record; every cohort in it calibrates the tasks it has labels for, on at most
+        ``max_scans`` of its recorded training scans (never a test scan); the first cohort wins a task.
+    method : "bias" or "mean" (:mod:`fmrilm.instruct.calibration`).
+    batch_size : scans per forward pass.
+
+    Returns
+    -------
+    Calibration, as saved.
+    """
+    from fmrilm.lm.pipeline import AlignedModel
+
+    check_method(method)
+    loaded = AlignedModel(directory)
+    loaded.info = info
+    fitted = []
+    for entry in info["cohorts"]:
+        with load_cohort(entry["path"]) as opened:
+            table = opened.scan_phenotypes()
+            specs = [s for s in check_tasks(info["tasks"]) if s.column in table.columns]
+            run = _runs([loaded], opened.path, table, specs, [0])[0]
+            fitted.append(fit_calibration(run, opened, table, specs, batch_size, method, max_scans))
+    calibration = merge(fitted)
+    calibration.save(directory)
+    return calibration
 
 
 # ------------------------------------------------------------------------------------------------ entry point
 def run_evaluate(models: str | os.PathLike | Sequence[str | os.PathLike], cohort: str | os.PathLike,
                  out: str | os.PathLike, *, tasks: Sequence[str], paradigm: str = "single",
                  seeds: int | Sequence[int] = (0,), shots: Sequence[int] = (0,), budget_steps: int = 20,
-                 method_name: str = "fmrilm", batch_size: int = 8, overwrite: bool = False) -> list[ResultRow]:
+                 method_name: str = "fmrilm", batch_size: int = 8, calibration: bool = True,
+                 overwrite: bool = False) -> list[ResultRow]:
     """Evaluate Stage 3 models on a cohort and write ``out`` (see the module docstring).
 
     Parameters
@@ -164,6 +233,9 @@ def run_evaluate(models: str | os.PathLike | Sequence[str | os.PathLike], cohort
         of each task, balanced by label, for ``budget_steps`` optimizer steps (the run's seed picks them).
     method_name : the ``method`` of the result rows.
     batch_size : scans per forward pass.
+    calibration : decide single answers on class-prior calibrated probabilities (the model's stored
+        ``calibration.json``, fitted now on the recorded training scans when a model trained on the cohort has
+        none); False: on the raw probabilities. Calibrated tasks also get ``"<method> (uncalibrated)"`` rows.
 
     Returns
     -------
@@ -186,14 +258,15 @@ def run_evaluate(models: str | os.PathLike | Sequence[str | os.PathLike], cohort
         for k, run, asked in _jobs(base, specs, shots, seeds):
             if k > 0:  # one fine-tuned model at a time, released after use
                 run, asked = _few_shot_run(run, opened.path, table, asked, k, paradigm, budget_steps, work), [asked]
-            outcomes.append(_evaluate(run, opened, table, asked, paradigm, batch_size))
-            runs.append((replace(run, model=None), _run_record(run, table)))
+            calibrated, how = _calibration(run, opened, table, asked, paradigm, batch_size, calibration)
+            outcomes.append(_evaluate(run, opened, table, asked, paradigm, batch_size, calibrated))
+            runs.append((replace(run, model=None), {**_run_record(run, table), "calibration": how}))
             shutil.rmtree(Path(work) / "model", ignore_errors=True)
         name = _cohort_name(opened)
     rows = _result_rows([r for r, _ in runs], [o[0] for o in outcomes], name, paradigm, method_name)
     settings = {"models": [str(m.directory) for m in loaded], "cohort": str(Path(cohort).resolve()),
                 "tasks": [s.name for s in specs], "paradigm": paradigm, "method": method_name, "shots": shots,
-                "budget_steps": budget_steps, "runs": [record for _, record in runs]}
+                "budget_steps": budget_steps, "calibration": calibration, "runs": [record for _, record in runs]}
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         write_results(tmp, rows)
         with open(tmp / PREDICTIONS_FILE, "w") as handle:
@@ -238,12 +311,16 @@ def _cohort_name(opened) -> str:
 
 
 def _result_rows(runs: list[Run], results: list[dict], cohort: str, paradigm: str, method: str) -> list[ResultRow]:
-    """Per-run metric dicts grouped by (task, setting, shots) and aggregated over runs."""
+    """Per-run metric dicts grouped by (method, task, setting, shots) and aggregated over runs; the raw metrics
+    of a calibrated task (``"uncalibrated"``) are rows of the method ``"<method> (uncalibrated)"``."""
     groups: dict[tuple, list[dict]] = {}
     for run, per_task in zip(runs, results):
         for task, metrics in per_task.items():
             names = [task] if task in TASKS else [t for t in per_task if t in TASKS]  # "overall": every field
-            groups.setdefault((task, *_setting(run, names)), []).append(metrics)
-    return [row for (task, setting, shots), per_seed in groups.items()
-            for row in rows_from_seeds(per_seed, method=method, cohort=cohort, task=task, paradigm=paradigm,
+            key = (task, *_setting(run, names))
+            groups.setdefault((method, *key), []).append({k: v for k, v in metrics.items() if k != UNCALIBRATED})
+            if UNCALIBRATED in metrics:
+                groups.setdefault((method + RAW_SUFFIX, *key), []).append(metrics[UNCALIBRATED])
+    return [row for (name, task, setting, shots), per_seed in groups.items()
+            for row in rows_from_seeds(per_seed, method=name, cohort=cohort, task=task, paradigm=paradigm,
                                        setting=setting, shots=shots)]

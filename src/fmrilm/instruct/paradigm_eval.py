@@ -19,8 +19,9 @@ from fmrilm.errors import FmrilmError
 from fmrilm.evaluate.metrics import accuracy, balanced_accuracy, classification_metrics, f1, regression_metrics
 from fmrilm.evaluate.protocol import TASKS, Split, TaskSpec, targets
 from fmrilm.instruct.answer import (
-    class_probabilities, encode_prompt, extract_fields, parse_multi, score_open, sentence_similarity,
+    class_log_probabilities, encode_prompt, extract_fields, parse_multi, score_open, sentence_similarity,
 )
+from fmrilm.instruct.calibration import MAX_SCANS, Calibration, TaskCalibration, apply_bias, task_calibration
 from fmrilm.instruct.data import FRAMES, paraphrase_pools, question_task
 from fmrilm.instruct.paradigms import describe, multi_example, open_example, single_example, target_value
 from fmrilm.instruct.pipeline import HELD_OUT_FRACTION
@@ -29,6 +30,7 @@ from fmrilm.instruct.prompts import answer_words
 from fmrilm.lm.objectives import pad_right
 
 TOKENS_PER_TASK = {"multi": 12, "open": 24}  # generation budget: per task asked, plus 8
+UNCALIBRATED = "uncalibrated"  # key of a calibrated task's raw metrics in evaluate_single's results
 
 
 def held_out_pool(info: dict, task: TaskSpec | None, paradigm: str) -> list[str]:
@@ -139,9 +141,12 @@ def _record(run: Run, paradigm: str, task: str, row: dict, index: int, **values)
 
 
 # ------------------------------------------------------------------------------------------------ paradigms
-def evaluate_single(run: Run, opened, table: pd.DataFrame, specs: list[TaskSpec], batch_size: int):
+def evaluate_single(run: Run, opened, table: pd.DataFrame, specs: list[TaskSpec], batch_size: int,
+                    calibration: Calibration | None = None):
     """Constrained class probabilities per class task, a linear probe per regression task. The probe reads the
-    state after the question the model was trained to answer: its ordinal-bin question (same held-out prompt)."""
+    state after the question the model was trained to answer: its ordinal-bin question (same held-out prompt).
+    A task in ``calibration`` is decided on its calibrated probabilities; its metrics then carry the raw ones
+    under ``"uncalibrated"``."""
     specs = _single_tasks(specs)
     labels = {s.name: _labels(run, table, s) for s in specs}
     rows, test = _scan_rows(table, labels), set(run.split.test)
@@ -150,6 +155,21 @@ def evaluate_single(run: Run, opened, table: pd.DataFrame, specs: list[TaskSpec]
         scans = run.split.test if spec.kind != "regression" else sorted({*run.fit_scans, *run.split.test})
         prompts[spec.name] = {i: _single_prompt(run, rows[i], question_task(spec)) for i in scans
                               if labels[spec.name][1][i]}
+    outputs = _outputs(run, opened, specs, prompts, batch_size)
+    results, records = {}, []
+    for spec in (s for s in specs if test & set(outputs[s.name])):  # a task no test scan has is not scored
+        if spec.kind == "regression":
+            results[spec.name], recs = _probe(spec, labels[spec.name][0], outputs[spec.name], test)
+        else:
+            entry = calibration.get(spec.name) if calibration is not None else None
+            results[spec.name], recs = _classes(spec, labels[spec.name][0], outputs[spec.name], entry)
+        records += [_record(run, "single", spec.name, rows[i], i, prompt=prompts[spec.name][i], **r)
+                    for i, r in recs.items()]
+    return results, records
+
+
+def _outputs(run: Run, opened, specs: list[TaskSpec], prompts: dict, batch_size: int) -> dict[str, dict]:
+    """``{task: {scan index: head output}}`` of the scans in ``prompts[task]`` (:func:`_head`)."""
     outputs: dict[str, dict[int, np.ndarray]] = {s.name: {} for s in specs}
     for chunk, features in _encoded(run, opened, set().union(*prompts.values()), batch_size):
         for spec in specs:
@@ -157,36 +177,69 @@ def evaluate_single(run: Run, opened, table: pd.DataFrame, specs: list[TaskSpec]
             if sel:
                 texts = [prompts[spec.name][chunk[j]] for j in sel]
                 outputs[spec.name].update(zip([chunk[j] for j in sel], _head(run, spec, features[sel], texts)))
-    results, records = {}, []
-    for spec in (s for s in specs if test & set(outputs[s.name])):  # a task no test scan has is not scored
-        scored = _probe if spec.kind == "regression" else _classes
-        results[spec.name], recs = scored(spec, labels[spec.name][0], outputs[spec.name], test)
-        records += [_record(run, "single", spec.name, rows[i], i, prompt=prompts[spec.name][i], **r)
-                    for i, r in recs.items()]
-    return results, records
+    return outputs
 
 
-def _single_prompt(run: Run, row: dict, spec: TaskSpec) -> str:
-    rng = _rng(run, "single", spec.name, row["scan_id"])
-    return single_example(row, spec, rng, held_out_pool(run.model.info, spec, "single"))[0]
+def _single_prompt(run: Run, row: dict, spec: TaskSpec, pool: list[str] | None = None, key: str = "single") -> str:
+    rng = _rng(run, key, spec.name, row["scan_id"])
+    return single_example(row, spec, rng, pool or held_out_pool(run.model.info, spec, "single"))[0]
 
 
 def _head(run: Run, spec: TaskSpec, features: torch.Tensor, prompts: list[str]) -> np.ndarray:
-    """(B, d) last-prompt states for a regression task, (B, C) class probabilities otherwise."""
+    """(B, d) last-prompt states for a regression task, (B, C) class log-probabilities otherwise."""
     if spec.kind == "regression":
         return last_prompt_states(run.model.model, features, prompts)
-    return class_probabilities(run.model.model, features, prompts, spec).numpy()
+    return class_log_probabilities(run.model.model, features, prompts, spec).numpy()
 
 
-def _classes(spec: TaskSpec, y: np.ndarray, probs: dict, test: set):
-    """Metrics and records of the constrained answers; ``probs`` holds test scans only (``test`` is unused)."""
-    index = sorted(probs)
-    proba = np.stack([probs[i] for i in index])
+def _classes(spec: TaskSpec, y: np.ndarray, log_probs: dict, calibration: TaskCalibration | None):
+    """Metrics and records of the constrained answers of the test scans (``log_probs``: test scans only),
+    decided on the calibrated probabilities when ``calibration`` is given."""
+    index = sorted(log_probs)
+    scores = np.stack([log_probs[i] for i in index])  # (n, C)
+    raw = apply_bias(scores, None)
+    proba = raw if calibration is None else calibration.apply(scores)
     pred = proba.argmax(1)
     metrics = classification_metrics(y[index], pred, proba)
+    if calibration is not None:
+        metrics[UNCALIBRATED] = classification_metrics(y[index], raw.argmax(1), raw)
     words = answer_words(spec)
     return metrics, {i: {"head": "constrained", "y_true": int(y[i]), "y_pred": int(p), "answer": words[p],
-                         "proba": [float(v) for v in probs[i]]} for i, p in zip(index, pred)}
+                         "proba": [float(v) for v in q], "calibrated": calibration is not None,
+                         "proba_uncalibrated": [float(v) for v in r]} for i, p, q, r in zip(index, pred, proba, raw)}
+
+
+def fit_calibration(run: Run, opened, table: pd.DataFrame, specs: list[TaskSpec], batch_size: int,
+                    method: str = "bias", max_scans: int = MAX_SCANS) -> Calibration:
+    """Class-prior calibration of the run's model on its training side (:mod:`fmrilm.instruct.calibration`).
+
+    Each class question task (a regression task: its bins) is asked, with a TRAINING paraphrase, of at most
+    ``max_scans`` of the scans the model was trained on (a k-shot model: its k shots; a seeded subset), never a
+    test scan; the per-class bias is fitted on their answer log-probabilities and labels.
+    """
+    tasks = [t for t in dict.fromkeys(question_task(s) for s in specs) if t.kind != "regression"]
+    labels = {s.name: _labels(run, table, s) for s in tasks}
+    rows, scans = _scan_rows(table, labels), calibration_scans(run, max_scans)
+    pools = paraphrase_pools(tasks, ["single"], run.model.info.get("held_out_fraction", HELD_OUT_FRACTION))[0]
+    prompts = {s.name: {i: _single_prompt(run, rows[i], s, pools["single"][s.name], "calibration") for i in scans
+                        if labels[s.name][1][i]} for s in tasks}
+    outputs = _outputs(run, opened, tasks, prompts, batch_size)
+    fitted = {}
+    for spec in (s for s in tasks if outputs[s.name]):
+        index = sorted(outputs[spec.name])
+        fitted[spec.name] = task_calibration(answer_words(spec), np.stack([outputs[spec.name][i] for i in index]),
+                                             labels[spec.name][0][index], method, cohort=str(opened.path),
+                                             scans=index)
+    return Calibration(method, fitted)
+
+
+def calibration_scans(run: Run, max_scans: int = MAX_SCANS) -> list[int]:
+    """Scans that may calibrate a run: its fit scans (never a test scan), a seeded subset of ``max_scans``."""
+    test = set(run.split.test)
+    scans = sorted(int(i) for i in run.fit_scans if int(i) not in test)
+    if len(scans) > max_scans:
+        scans = sorted(random.Random(f"{run.seed}:calibration").sample(scans, max_scans))
+    return scans
 
 
 def _probe(spec: TaskSpec, y: np.ndarray, states: dict, test: set):

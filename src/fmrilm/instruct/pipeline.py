@@ -10,8 +10,13 @@ Outputs in ``INST`` (the layout of an align output, so ``AlignedModel(INST)`` al
     config.json, fmri_modules.safetensors, llm/   the model (FMRILanguageModel.from_pretrained(INST))
     tokenizer/                                    the source's Stage 1 tokenizer (config + weights)
     preprocess.json                               the source's record that standardizes a new scan
+    calibration.json                              class-prior calibration of the constrained answers, fitted on
+                                                  training scans (fmrilm.instruct.calibration); before instruct.json
     instruct.json                                 the run (schema below); written LAST: marks a finished run
     run.json, train/, cache/                      settings compared on resume, Trainer checkpoints, features
+
+With ``overwrite`` an existing ``INST`` is replaced only once the new run is complete (built in ``.INST.overwrite``
+beside it, as for ``fmrilm align``).
 
 ``instruct.json`` (read it with ``InstructedModel(INST).info``)::
 
@@ -52,6 +57,7 @@ from pathlib import Path
 from fmrilm import __version__
 from fmrilm.errors import FmrilmError
 from fmrilm.evaluate.protocol import Split
+from fmrilm.instruct.calibration import CALIBRATION_FILE, check_method
 from fmrilm.instruct.data import (
     InstructDataset, check_paradigms, check_tasks, cohort_targets, paraphrase_pools, question_task,
 )
@@ -61,7 +67,7 @@ from fmrilm.lm.model import CONFIG_FILE, FMRI_FILE, LLM_DIR, FMRILanguageModel
 from fmrilm.lm.objectives import collate
 from fmrilm.lm.pipeline import (
     CACHE_DIR, META_FILE, PREPROCESS_FILE, RUN_FILE, TOKENIZER_DIR, TRAIN_DIR, AlignedModel, TokenCache, _check_out,
-    _copy_tokenizer, _save_model, _start_run, _steps_done, encode_cohort, stage_train_config,
+    _copy_tokenizer, _save_model, _start_run, _steps_done, encode_cohort, freeze_unused_head, stage_train_config,
 )
 from fmrilm.train import TrainConfig, Trainer, set_seed
 
@@ -69,7 +75,8 @@ INFO_FILE = "instruct.json"
 FORMAT = "fmrilm.instruct/1"
 MAX_TEXT_TOKENS = 192  # prompt (cohort sentence, semantic text, question) + answer, in LLM tokens
 HELD_OUT_FRACTION = 0.2
-_OWNED = (INFO_FILE, RUN_FILE, PREPROCESS_FILE, TOKENIZER_DIR, CONFIG_FILE, FMRI_FILE, LLM_DIR, TRAIN_DIR)
+_OWNED = (INFO_FILE, CALIBRATION_FILE, RUN_FILE, PREPROCESS_FILE, TOKENIZER_DIR, CONFIG_FILE, FMRI_FILE, LLM_DIR,
+          TRAIN_DIR)
 
 
 class InstructedModel:
@@ -138,7 +145,7 @@ def run_instruct(
     train: TrainConfig | Mapping | None = None, semantic: bool = False, max_text_tokens: int = MAX_TEXT_TOKENS,
     held_out_fraction: float = HELD_OUT_FRACTION, resume: bool = False, overwrite: bool = False,
     train_indices: Sequence[Sequence[int] | None] | None = None, init_from: str | os.PathLike | None = None,
-    splits: Sequence[Split | None] | None = None, lora: bool | None = None,
+    splits: Sequence[Split | None] | None = None, lora: bool | None = None, calibration: str | None = "bias",
 ) -> dict:
     """Instruction-tune a source fMRI-LM on cohorts' training subjects and write it to ``out`` (module docstring).
 
@@ -161,7 +168,8 @@ def run_instruct(
     max_text_tokens, held_out_fraction
         Token budget of prompt + answer; share of every paraphrase list held out for evaluation.
     resume, overwrite
-        Continue the run in ``out/train`` from its newest checkpoint; replace a finished output.
+        Continue the run in ``out/train`` (or an interrupted overwrite) from its newest checkpoint; replace a
+        finished output once the new one is complete.
     train_indices
         One entry per cohort: scan indices to train on (e.g. few-shot sets inside ``split.train``) or None.
     init_from
@@ -170,6 +178,8 @@ def run_instruct(
         One entry per cohort: a :class:`Split` to use instead of making one with ``seed``, or None.
     lora
         None or the source's adaptation (True: its LoRA adapters, False: full fine-tuning); Stage 3 keeps it.
+    calibration
+        Class-prior calibration fitted on the training scans at the end: "bias", "mean" or None (none).
 
     Returns
     -------
@@ -179,12 +189,14 @@ def run_instruct(
     """
     cohorts = [cohorts] if isinstance(cohorts, (str, os.PathLike)) else list(cohorts)
     specs, paradigms = check_tasks(tasks), check_paradigms(paradigms)
+    calibration = None if calibration is None else check_method(calibration)
     if not isinstance(max_text_tokens, int) or max_text_tokens < 16:
         raise FmrilmError(f"max_text_tokens must be an integer >= 16 (prompt + answer tokens), got {max_text_tokens!r}")
     source = Path(model)
     kind, weights = source_kind(source), _init_weights(source, init_from)
-    out = _check_out(Path(out), resume, overwrite, marker=INFO_FILE, owned=_OWNED, what="an instruction-tuned fMRI-LM",
-                     command="instruct")
+    final = Path(out)
+    out = _check_out(final, resume, overwrite, marker=INFO_FILE, owned=_OWNED, what="an instruction-tuned fMRI-LM",
+                     command="instruct")  # a staging directory when overwriting
     parts = _cohort_parts(cohorts, source, specs, seed, train_indices, splits)
     train_cfg = train if isinstance(train, TrainConfig) else stage_train_config({"seed": seed, **dict(train or {})})
     run = {"cohorts": [p.to_dict() for p in parts], "tasks": [s.name for s in specs], "paradigms": paradigms,
@@ -195,6 +207,7 @@ def run_instruct(
     set_seed(train_cfg.seed)
     lm = FMRILanguageModel.from_pretrained(weights)
     _check_adaptation(lm, weights, lora)
+    freeze_unused_head(lm, trains_f2f=False)  # Stage 3 batches hold no fMRI codes
     caches = [TokenCache(out / CACHE_DIR / str(i)) for i in range(len(parts))]
     dataset = InstructDataset(parts, caches, specs, paradigms, pools, lm.tokenizer, max_text_tokens, semantic)
     collate_fn = partial(collate, pad_id=lm.tokenizer.pad_token_id)
@@ -209,7 +222,9 @@ def run_instruct(
     info = {"format": FORMAT, **run, "question_tasks": {s.name: question_task(s).name for s in specs},
             "held_out_paraphrases": held, "train_config": train_cfg.to_dict(),
             "model_config": trainer.unwrapped_model.config.to_dict(), "train_metrics": metrics, "steps": steps}
-    return _finish(trainer, source, out, info)
+    info = _finish(trainer, source, out, info, calibration)
+    trainer.publish(out, final)
+    return info
 
 
 def _cohort_parts(cohorts: list, source: Path, specs: list, seed: int, train_indices: Sequence | None,
@@ -236,8 +251,8 @@ def _per_cohort(values: Sequence | None, name: str, cohorts: list) -> list:
     return values
 
 
-def _finish(trainer: Trainer, source: Path, out: Path, info: dict) -> dict:
-    """Main process: the model, preprocess.json and tokenizer/, then instruct.json last."""
+def _finish(trainer: Trainer, source: Path, out: Path, info: dict, calibration: str | None) -> dict:
+    """Main process: the model, preprocess.json and tokenizer/, calibration.json, then instruct.json last."""
     import shutil
 
     from accelerate.utils import broadcast_object_list
@@ -247,6 +262,10 @@ def _finish(trainer: Trainer, source: Path, out: Path, info: dict) -> dict:
         _save_model(trainer.unwrapped_model.eval(), out)
         shutil.copy2(source / PREPROCESS_FILE, out / PREPROCESS_FILE)
         _copy_tokenizer(source / TOKENIZER_DIR, out / TOKENIZER_DIR)
+        if calibration is not None:
+            from fmrilm.instruct.evaluate import calibrate_model
+
+            calibrate_model(out, info, calibration)
         info = {**info, "fmrilm_version": __version__,
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
         write_json_atomic(out / INFO_FILE, info)

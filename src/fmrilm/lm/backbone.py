@@ -169,8 +169,9 @@ def text_features(
     batch_size: int = 16,
     max_length: int = 256,
     cache: str | os.PathLike | None = None,
+    depth: float = 1.0,
 ) -> torch.Tensor:
-    """Pooled final hidden states of texts under the backbone, without gradients.
+    """Pooled hidden states of texts under the backbone, without gradients.
 
     Parameters
     ----------
@@ -189,6 +190,11 @@ def text_features(
         A ``.safetensors`` file. When it holds features for the same model weights, tokenizer, pooling,
         max_length and texts they are returned without running the model; otherwise they are computed
         and the file is (atomically) rewritten.
+    depth : float
+        Which layer's states to pool, as a fraction of the depth: 1.0 is the final (normalised) output, 0.8 the
+        output of layer round(0.8 x n_layers) (for SmolLM2's 30 layers, layer 24), 0.0 the token embeddings.
+        Middle-to-late layers of small LLMs often carry more of a text's content than the final one, which is
+        shaped for next-token prediction.
 
     Returns
     -------
@@ -199,13 +205,15 @@ def text_features(
         raise FmrilmError(f"unknown pooling '{pooling}'; choose one of {', '.join(POOLINGS)}")
     if batch_size < 1 or max_length < 1:
         raise FmrilmError(f"batch_size={batch_size} and max_length={max_length} must both be at least 1")
+    if not 0.0 <= float(depth) <= 1.0:
+        raise FmrilmError(f"text feature depth {depth} is not a fraction of the layers; give a number from 0 to 1")
     texts = [str(text) for text in texts]
     if "" in texts:  # no token to pool (unless the tokenizer adds a bos token, which many do not)
         raise FmrilmError(f"text {texts.index('')} is empty; remove empty texts")
-    key = _features_key(model, tokenizer, texts, pooling, max_length) if cache is not None else None
+    key = _features_key(model, tokenizer, texts, pooling, max_length, depth) if cache is not None else None
     if cache is not None and (cached := _read_features(Path(cache), key)) is not None:
         return cached
-    features = _compute_features(model, tokenizer, texts, pooling, batch_size, max_length)
+    features = _compute_features(model, tokenizer, texts, pooling, batch_size, max_length, depth)
     if cache is not None:
         _write_features(Path(cache), key, features, pooling, max_length)
     return features
@@ -383,7 +391,7 @@ def _tiny_config(arch: str, tokenizer):
 # Text features
 
 
-def _compute_features(model, tokenizer, texts, pooling, batch_size, max_length) -> torch.Tensor:
+def _compute_features(model, tokenizer, texts, pooling, batch_size, max_length, depth=1.0) -> torch.Tensor:
     """Pooled states of all texts, batch by batch, with dropout off (the model's mode is restored)."""
     core = _unwrap(model)
     features = torch.empty(len(texts), core.config.get_text_config().hidden_size)
@@ -395,19 +403,25 @@ def _compute_features(model, tokenizer, texts, pooling, batch_size, max_length) 
         with torch.no_grad():
             for start in range(0, len(order), batch_size):
                 rows = order[start : start + batch_size]
-                features[rows] = _batch_features(core, tokenizer, [texts[i] for i in rows], pooling, max_length)
+                features[rows] = _batch_features(core, tokenizer, [texts[i] for i in rows], pooling, max_length, depth)
     finally:
         model.train(was_training)
     return features
 
 
-def _batch_features(core, tokenizer, texts: list[str], pooling: str, max_length: int) -> torch.Tensor:
+def _batch_features(core, tokenizer, texts: list[str], pooling: str, max_length: int,
+                    depth: float = 1.0) -> torch.Tensor:
     """(len(texts), hidden) pooled states of one batch, from the transformer body: the LM head's
     vocabulary-sized logits are not needed (they would be 49,152 floats per token for SmolLM2)."""
     device = next(core.parameters()).device
     batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     mask = batch["attention_mask"].to(device)
-    states = core.base_model(input_ids=batch["input_ids"].to(device), attention_mask=mask).last_hidden_state
+    inner = depth < 1.0
+    out = core.base_model(input_ids=batch["input_ids"].to(device), attention_mask=mask, output_hidden_states=inner)
+    if inner:
+        states = out.hidden_states[round(depth * core.config.get_text_config().num_hidden_layers)]
+    else:
+        states = out.last_hidden_state
     return _pool(states.float(), mask, pooling).cpu()
 
 
@@ -423,12 +437,14 @@ def _pool(states: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tenso
     return states[torch.arange(states.shape[0], device=states.device), last]
 
 
-def _features_key(model, tokenizer, texts: list[str], pooling: str, max_length: int) -> str:
+def _features_key(model, tokenizer, texts: list[str], pooling: str, max_length: int, depth: float = 1.0) -> str:
     """SHA-256 of everything the features depend on: model config and weights, tokenizer, options, texts."""
     core = _unwrap(model)
     config = {k: v for k, v in core.config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
     digest = hashlib.sha256()
     header = {"version": _FEATURES_VERSION, "pooling": pooling, "max_length": max_length, "config": config}
+    if depth != 1.0:  # absent for the final layer, so caches written before the option still match
+        header["depth"] = float(depth)
     digest.update(json.dumps(header, sort_keys=True, default=str).encode())
     _hash_weights(digest, model)
     digest.update(_tokenizer_fingerprint(tokenizer).encode())

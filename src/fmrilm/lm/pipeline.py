@@ -11,6 +11,9 @@ Outputs of :func:`run_align` in ``LM`` (a self-contained model directory)::
     train/                                        the shared Trainer's metrics.jsonl and checkpoints/
     cache/tokens/                                 every scan's tokenizer features and codes (.npy, reused)
 
+With ``overwrite`` an existing ``LM`` stays as it is while the new run builds in ``.LM.overwrite`` beside it; the
+finished run replaces it in one swap (``resume`` continues an interrupted overwrite; :func:`fmrilm.io.training_output`).
+
 What the model sees. Every scan is encoded once by the frozen tokenizer, streaming over the cohort's HDF5
 store in batches into memory-mapped ``.npy`` files, so memory does not grow with the cohort. A training item
 is one scan of a training subject: its features (W, N, h) and codes (W, N) (F2F), its descriptor text (F2T,
@@ -52,7 +55,7 @@ from torch.utils.data import Dataset
 from fmrilm import __version__
 from fmrilm.data.cohort import load_cohort
 from fmrilm.errors import FmrilmError, FmrilmWarning
-from fmrilm.io import check_same_run, check_training_output, sha256_file, write_json_atomic
+from fmrilm.io import check_same_run, sha256_file, training_output, write_json_atomic
 from fmrilm.lm.evaluate import HeldOut, evaluate_alignment, generate_texts
 from fmrilm.lm.model import CONFIG_FILE, FMRI_FILE, LLM_DIR, FMRILanguageModel, FMRILMConfig
 from fmrilm.lm.objectives import collate, f2t_example, pad_right, t2t_batch
@@ -63,7 +66,6 @@ META_FILE, EVAL_FILE, RUN_FILE, PREPROCESS_FILE = "align_meta.json", "eval.json"
 TOKENIZER_DIR, TRAIN_DIR, CACHE_DIR = "tokenizer", "train", "cache"
 _OWNED = (META_FILE, EVAL_FILE, RUN_FILE, PREPROCESS_FILE, TOKENIZER_DIR, CONFIG_FILE, FMRI_FILE, LLM_DIR, TRAIN_DIR)
 _FROM_DATA = ("n_rois", "n_steps", "feature_dim", "codebook_size", "tokenizer_dir", "llm")  # never overridden
-TEXT_FIELDS = ("text", "fc", "fg", "ica", "graph")
 MAX_TEXT_TOKENS = 96  # F2T target budget: whole sentences of the description (eos included)
 LM_MAX_TOKENS = 96  # T2T paragraph budget (pydoc paragraphs average ~60 SmolLM2 tokens)
 # CPU quick settings (see the module docstring); lora_dropout 0 also saves the ~10 % a dropout mask costs.
@@ -160,21 +162,6 @@ def target_text(text: str, tokenizer, max_tokens: int) -> str:
     return tokenizer.decode(tokenizer(sentences[0], add_special_tokens=False).input_ids[:max_tokens]).strip()
 
 
-def _field_texts(descriptors: Path, scan_ids: list[str], texts: list[str], text_field: str) -> list[str]:
-    """Per-scan F2T texts: the matched ``text`` field, or one domain paragraph of texts.jsonl."""
-    if text_field not in TEXT_FIELDS:
-        raise FmrilmError(f"text_field {text_field!r} is not one of {', '.join(TEXT_FIELDS)}")
-    if text_field == "text":
-        return texts
-    lines = (descriptors / "texts.jsonl").read_text().splitlines()
-    records = {str(r["scan_id"]): r for r in map(json.loads, filter(str.strip, lines))}
-    chosen = [str(records[s].get(text_field) or "") for s in scan_ids]
-    if "" in chosen:
-        raise FmrilmError(f"scan {scan_ids[chosen.index('')]!r} has no {text_field!r} text in {descriptors}; "
-                          "choose text_field='text'")
-    return chosen
-
-
 def _descriptor_columns(descriptors: Path) -> list[str]:
     from fmrilm.descriptors.pipeline import load_descriptors
 
@@ -266,7 +253,8 @@ def run_align(
     cohort, tokenizer, descriptors
         A prepared cohort, a Stage 1 tokenizer trained on its atlas and length, and its ``fmrilm describe`` output.
     out
-        Output directory; one holding a finished model is refused unless ``overwrite``.
+        Output directory; one holding a finished model is refused unless ``overwrite``, which replaces it once the
+        new model is complete.
     llm, lora
         Base causal LM (:func:`fmrilm.lm.backbone.load_backbone`); LoRA adapters (default) or full fine-tuning.
     config_overrides
@@ -280,7 +268,7 @@ def run_align(
     n_generate
         Held-out scans described by generation in the evaluation.
     resume
-        Continue the run in ``out/train`` from its newest checkpoint.
+        Continue the run in ``out/train`` (or an interrupted overwrite of ``out``) from its newest checkpoint.
 
     Returns
     -------
@@ -288,9 +276,10 @@ def run_align(
         The metrics written to ``eval.json``; for a run stopped by ``max_steps`` before its last step,
         ``{"finished": False, "steps_done": ..., "total_steps": ...}`` and only checkpoints are written.
     """
-    from fmrilm.tokenizer.pipeline import load_inputs, split_subjects
+    from fmrilm.tokenizer.pipeline import field_texts, load_inputs, split_subjects
 
-    out, tokenizer = _check_out(Path(out), resume, overwrite), Path(tokenizer)
+    final, tokenizer = Path(out), Path(tokenizer)
+    out = _check_out(final, resume, overwrite)  # a staging directory when overwriting
     inputs = load_inputs(cohort, descriptors)
     config = build_config(_tokenizer_config(tokenizer, inputs), tokenizer, llm, lora, config_overrides)
     split = split_subjects(inputs, held_out_fraction)
@@ -298,10 +287,11 @@ def run_align(
         preprocess, scan_ids = _preprocess_record(opened), [str(s) for s in opened.scans["scan_id"]]
     _warn_split_mismatch(tokenizer, split)
     train_cfg = stage_train_config(train)
-    texts = _field_texts(inputs.descriptors, scan_ids, inputs.texts, text_field)
+    texts = field_texts(inputs, text_field)
     cache = TokenCache(out / CACHE_DIR / "tokens")  # filled below, once the Trainer knows the main process
     set_seed(train_cfg.seed)  # same initial weights on every run and every process
     model = FMRILanguageModel(config)
+    freeze_unused_head(model, trains_f2f=config.f2f_weight > 0)
     targets = [target_text(t, model.tokenizer, max_text_tokens) for t in texts]
     dataset, english_held = _training_set(model, cache, split["train"], targets, max_text_tokens, train_cfg.seed)
     run = {"cohort": str(inputs.cohort.resolve()), "descriptors": str(inputs.descriptors.resolve()),
@@ -319,7 +309,16 @@ def run_align(
     held = _held_out(cache, split, targets, _descriptor_columns(inputs.descriptors), english_held, scan_ids)
     run.update(train_config=train_cfg.to_dict(), split_method=split["method"], n_train_scans=len(split["train"]),
                n_held_out_scans=len(split["held_out"]), fmri_tokens_per_scan=model.config.n_steps * model.config.n_rois)
-    return _finish(trainer, held, preprocess, tokenizer, out, run, n_generate)
+    metrics = _finish(trainer, held, preprocess, tokenizer, out, run, n_generate)
+    trainer.publish(out, final)
+    return metrics
+
+
+def freeze_unused_head(model: FMRILanguageModel, trains_f2f: bool) -> None:
+    """Freeze the F2F code head of a run whose batches carry no codes: it would get no gradient, and DDP refuses
+    trainable parameters without one ("Expected to have finished reduction in the prior iteration")."""
+    if not trains_f2f:
+        model.fmri.head.requires_grad_(False)
 
 
 def _training_set(model: FMRILanguageModel, cache: TokenCache, train: np.ndarray, targets: list[str],
@@ -344,9 +343,10 @@ def _held_out(cache: TokenCache, split: dict, targets: list[str], columns: list[
 
 def _check_out(out: Path, resume: bool, overwrite: bool, *, marker: str = META_FILE,
                owned: Sequence[str] = _OWNED, what: str = "an aligned fMRI-LM", command: str = "align") -> Path:
-    """Refuse a finished model (unless overwrite) and an unfinished run not resumed; before any work.
-    ``marker`` (written last) marks a finished run, ``owned`` lists the stage's outputs (Stage 3 reuses this)."""
-    return check_training_output(out, resume, overwrite, marker=marker, what=what, train_dir=TRAIN_DIR,
+    """Refuse a finished model (unless overwrite) and an unfinished run not resumed, before any work; return the
+    directory to build in (:func:`fmrilm.io.training_output`). ``marker`` (written last) marks a finished run,
+    ``owned`` lists the stage's outputs (Stage 3 reuses this)."""
+    return training_output(out, resume, overwrite, marker=marker, what=what, train_dir=TRAIN_DIR,
                                  owned=tuple(owned), keep=(CACHE_DIR,), command=command)
 
 
@@ -383,7 +383,8 @@ def _warn_split_mismatch(tokenizer: Path, split: dict) -> None:
 
 
 def _start_run(trainer: Trainer, out: Path, run: dict, resume: bool, owned: Sequence[str] = _OWNED) -> None:
-    """Fresh run: clear this stage's old outputs (the cache stays). Resume: the settings must be the run's."""
+    """Fresh run: clear this stage's outputs in ``out`` (the build directory; the cache stays). Resume: the settings
+    must be the run's."""
     if trainer.accelerator.is_main_process:
         if resume:
             check_same_run(out / RUN_FILE, run)

@@ -20,6 +20,7 @@ from fmrilm.errors import FmrilmError
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets" / "tokenizer"
 QUANTIZERS = ("vq", "fsq")
 CONTRASTIVE = ("siglip", "clip")
+CONTRAST_POOLINGS = ("mean", "roi")
 
 
 @dataclass
@@ -52,6 +53,10 @@ class TokenizerConfig:
     llm_embed_dim: int = 768  # width of the frozen LLM's input token embeddings (the "text" domain)
     shared_dim: int = 512  # width of the shared space of the contrastive loss
     contrastive: str = "siglip"  # "siglip" (sigmoid loss, Zhai et al. 2023) or "clip" (symmetric InfoNCE)
+    # what the contrastive loss sees of a scan: "mean" over all tokens (h,) or "roi", each ROI's mean over time
+    # side by side (N * h,), which keeps where in the brain a feature is (N * h * shared_dim projection weights:
+    # for small presets; on 300 simulated scans it fit the training pairs but not held-out ones, see README)
+    contrast_pooling: str = "mean"
     domain_hidden: int = 256  # hidden width of the domain classifier Linear(h, .)-GELU-Linear(., 2)
     # -- loss weights (0 switches a part off)
     recon_weight: float = 1.0  # reconstruction MSE
@@ -66,6 +71,8 @@ class TokenizerConfig:
         self._check_quantizer()
         _require(self.contrastive in CONTRASTIVE, f"contrastive must be one of {', '.join(CONTRASTIVE)}, "
                  f"got {self.contrastive!r}")
+        _require(self.contrast_pooling in CONTRAST_POOLINGS,
+                 f"contrast_pooling must be one of {', '.join(CONTRAST_POOLINGS)}, got {self.contrast_pooling!r}")
         _require(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
         _require(self.mlp_ratio > 0, f"mlp_ratio must be > 0, got {self.mlp_ratio}; 4.0 is usual")
 

@@ -118,7 +118,12 @@ class ContrastiveLoss(nn.Module):
     def __init__(self, config: TokenizerConfig):
         super().__init__()
         self.kind = config.contrastive
-        self.fmri_proj = nn.Linear(config.hidden, config.shared_dim)
+        pooled_dim = config.hidden * (config.n_rois if config.contrast_pooling == "roi" else 1)
+        # Pooled fMRI features are standardised per dimension (batch statistics in training, running ones after),
+        # like the text side below: a pooled mean is mostly what all scans share, and the L2-normalised projection
+        # of (shared + small scan-specific part) starts out nearly the same for every scan.
+        self.fmri_norm = nn.BatchNorm1d(pooled_dim, affine=False)
+        self.fmri_proj = nn.Linear(pooled_dim, config.shared_dim)
         self.text_proj = nn.Linear(config.text_dim, config.shared_dim)
         # Initial values of the papers: SigLIP t' = log 10, b = -10 (the many negatives start near 0 loss);
         # CLIP temperature 0.07.
@@ -131,6 +136,15 @@ class ContrastiveLoss(nn.Module):
         self.register_buffer("text_shift", torch.zeros(config.text_dim))  # (text_dim,)
         self.register_buffer("text_scale", torch.ones(config.text_dim))  # (text_dim,)
 
+    def init_bias_for_batch(self, batch_size: int) -> None:
+        """SigLIP only: start the bias at -log(batch_size - 1), where the pull of a row's one positive and the push
+        of its batch - 1 negatives cancel for unrelated embeddings (SigLIP's -10 is about this for its 32k batches). With -10 and a batch of 8, every logit starts
+        near or below 0, the negatives have nothing to push, and the positives' gradient only pulls all fMRI and
+        text embeddings together; the bias, moving about lr per step, stays there for a whole CPU-sized run."""
+        if self.logit_bias is not None:
+            with torch.no_grad():
+                self.logit_bias.fill_(-math.log(max(1, int(batch_size) - 1)))
+
     def set_text_statistics(self, text_features: Tensor) -> None:
         """Standardise text features with the mean and std (per dimension) of (S, text_dim) training features."""
         text_features = _check_width(text_features, self.text_proj.in_features, "text_features")
@@ -138,8 +152,14 @@ class ContrastiveLoss(nn.Module):
         self.text_scale.copy_(text_features.std(0, unbiased=False) + 1e-6)
 
     def project_fmri(self, pooled: Tensor) -> Tensor:
-        """(B, h) pooled fMRI features -> (B, shared_dim), L2-normalised."""
-        return F.normalize(self.fmri_proj(pooled), dim=-1)
+        """(B, h) or (B, N * h) pooled fMRI features -> standardised -> (B, shared_dim), L2-normalised."""
+        pooled = _check_width(pooled, self.fmri_proj.in_features, "pooled fMRI features")
+        norm = self.fmri_norm
+        if norm.training and len(pooled) < 2:  # batch statistics need two scans: a last batch of one uses the running
+            standardised = F.batch_norm(pooled, norm.running_mean, norm.running_var, training=False, eps=norm.eps)
+        else:
+            standardised = norm(pooled)
+        return F.normalize(self.fmri_proj(standardised), dim=-1)
 
     def project_text(self, text_features: Tensor) -> Tensor:
         """(B, text_dim) text features -> standardised -> (B, shared_dim), L2-normalised."""

@@ -57,6 +57,14 @@ def sequence_to_tokens(sequence: Tensor, n_rois: int) -> Tensor:
     return sequence.unflatten(1, (sequence.shape[1] // n_rois, n_rois))
 
 
+def pool_features(features: Tensor, how: str = "mean") -> Tensor:
+    """(B, W, N, h) encoder features -> (B, h) mean over all tokens (``"mean"``) or (B, N * h) each ROI's mean
+    over time, ROI by ROI (``"roi"``)."""
+    if how == "roi":
+        return features.mean(dim=1).flatten(1)
+    return features.mean(dim=(1, 2))
+
+
 def sincos_embedding(n_positions: int, dim: int) -> Tensor:
     """(n_positions, dim) fixed embedding: sines in the first half, cosines in the second (Vaswani et al.)."""
     frequencies = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim // 2))  # (dim/2,)
@@ -198,14 +206,16 @@ class FMRITokenizer(nn.Module):
         dict
             ``recon`` (B, T, N); ``codes`` (B, W, N) long; ``features`` (B, W, N, h) continuous encoder
             features before quantization (what Stage 2 feeds to the LLM); ``quantized`` (B, W, N, h);
-            ``pooled`` (B, h) mean of ``features`` over tokens; ``commit_loss`` () (0 in eval mode and for FSQ).
+            ``pooled`` (B, h) or (B, N * h), ``features`` pooled as ``config.contrast_pooling`` says
+            (:func:`pool_features`); ``commit_loss`` () (0 in eval mode and for FSQ).
         """
         features = self.encode_features(batch["x"])  # (B, W, N, h)
         quantized, codes, commit = self.quantizer(tokens_to_sequence(features))  # (B, W*N, h), (B, W*N)
         quantized = sequence_to_tokens(quantized, self.config.n_rois)  # (B, W, N, h)
         return {
             "recon": self._reconstruct(quantized), "codes": sequence_to_tokens(codes, self.config.n_rois),
-            "features": features, "quantized": quantized, "pooled": features.mean(dim=(1, 2)), "commit_loss": commit,
+            "features": features, "quantized": quantized, "pooled": pool_features(features, self.config.contrast_pooling),
+            "commit_loss": commit,
         }
 
     def encode_features(self, x: Tensor) -> Tensor:

@@ -7,13 +7,14 @@ Outputs of :func:`run_train_tokenizer` in ``OUT``::
     tokenizer_meta.json               inputs, LLM, split, settings; written LAST: it marks a finished tokenizer
     run.json                          the run's settings, compared on resume
     train/                            the shared Trainer's train_config.json, metrics.jsonl, checkpoints/
-    cache/text_features.safetensors   the frozen LLM's descriptor-text features (reused when unchanged)
+    cache/text_features*.safetensors  the frozen LLM's descriptor-text features (reused when unchanged)
 
 Every file is written through a temporary name and a rename, so a crash never leaves a half-written one.
 
 What the model sees. Training subjects' scans, read lazily from the cohort's HDF5 store (one handle per process),
-each with the frozen LLM's last-token state of its descriptor paragraph (``texts.jsonl`` field ``text``),
-computed once. Each batch also carries ``4 x B`` frozen LLM input embeddings of English prose tokens
+each with the frozen LLM's pooled states of its descriptor text, computed once: by default the last-token state
+of the whole paragraph (``texts.jsonl`` field ``text``, the paper's choice); with ``text_fields`` = the four
+domains, each domain paragraph pooled on its own and the results concatenated (see :func:`run_train_tokenizer`). Each batch also carries ``4 x B`` frozen LLM input embeddings of English prose tokens
 (:func:`fmrilm.lm.corpus.english_corpus`, 90 % of paragraphs; the rest serve the held-out domain accuracy),
 drawn with a generator seeded by the batch's item indices, so a resumed run draws the same.
 
@@ -37,7 +38,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -48,13 +49,15 @@ from torch.utils.data import Dataset, default_collate
 from fmrilm import __version__
 from fmrilm.data.cohort import load_cohort
 from fmrilm.errors import FmrilmError
-from fmrilm.io import check_same_run, check_training_output, write_json_atomic
+from fmrilm.io import check_same_run, link_tree, training_output, write_json_atomic
 from fmrilm.tokenizer.config import TokenizerConfig, load_preset
 from fmrilm.tokenizer.evaluate import evaluate_tokenizer, scan_batches
 from fmrilm.tokenizer.model import CONFIG_FILE, WEIGHTS_FILE, FMRITokenizer, FMRITokenizerForTraining
 from fmrilm.train import TrainConfig, Trainer, set_seed
 
 META_FILE, EVAL_FILE, RUN_FILE, TRAIN_DIR, CACHE_DIR = "tokenizer_meta.json", "eval.json", "run.json", "train", "cache"
+TEXT_FIELDS = ("text", "fc", "fg", "ica", "graph")  # texts.jsonl: the whole paragraph, then one per domain
+DOMAIN_FIELDS = TEXT_FIELDS[1:]
 _OWNED = (META_FILE, EVAL_FILE, RUN_FILE, CONFIG_FILE, WEIGHTS_FILE, TRAIN_DIR)  # what --overwrite removes
 _FROM_DATA = ("n_rois", "length", "text_dim", "llm_embed_dim")  # set from the cohort and the LLM, never overridden
 SPLIT_SEED = 0  # the held-out subjects do not move when the training seed changes
@@ -119,6 +122,22 @@ def _match_texts(records: dict, scan_ids: list[str], subjects: list[str], cohort
     return texts
 
 
+def field_texts(inputs: StageInputs, field: str) -> list[str]:
+    """Per-scan texts of one ``texts.jsonl`` field (:data:`TEXT_FIELDS`), in cohort order."""
+    if field not in TEXT_FIELDS:
+        raise FmrilmError(f"text field {field!r} is not one of {', '.join(TEXT_FIELDS)}")
+    if field == "text":
+        return inputs.texts
+    with load_cohort(inputs.cohort) as opened:
+        scan_ids = [str(s) for s in opened.scans["scan_id"]]
+    records = _read_texts(inputs.descriptors)
+    chosen = [str(records[s].get(field) or "") for s in scan_ids]
+    if "" in chosen:
+        raise FmrilmError(f"scan {scan_ids[chosen.index('')]!r} has no {field!r} text in {inputs.descriptors}; "
+                          "describe the cohort with that domain, or use the field 'text'")
+    return chosen
+
+
 def _reference_gradients(descriptors: Path, n_rois: int) -> np.ndarray | None:
     """(N, 3) first three group gradients of the describe reference, or None when absent or unusable."""
     path = descriptors / "reference" / "arrays.safetensors"
@@ -181,9 +200,14 @@ class TextSide:
     info: dict
 
 
-def encode_text_side(llm: str, texts: list[str], cache: Path, pooling: str = "last") -> TextSide:
-    """Load the LLM, compute descriptor features (``pooling`` of the final states, cached in ``cache``) and the
-    English token pools, then free the LLM."""
+def encode_text_side(llm: str, texts: list[str] | Mapping[str, list[str]], cache: Path, pooling: str = "last",
+                     depth: float = 1.0) -> TextSide:
+    """Load the LLM, compute descriptor features and the English token pools, then free the LLM.
+
+    ``texts`` is one text per scan, or several (a mapping field -> texts, each field pooled on its own and the
+    features concatenated in the mapping's order: (S, len(texts) * hidden)). ``pooling`` and ``depth`` are those
+    of :func:`fmrilm.lm.backbone.text_features`; features are cached per field in ``cache`` (a directory).
+    """
     from fmrilm.lm.backbone import backbone_info, load_backbone, text_features, token_embedding_table
     from fmrilm.lm.corpus import english_corpus, split_corpus
 
@@ -192,19 +216,26 @@ def encode_text_side(llm: str, texts: list[str], cache: Path, pooling: str = "la
     model, tokenizer = load_backbone(llm, dtype=torch.bfloat16)
     context = getattr(model.config, "max_position_embeddings", None) or 512
     max_length = int(min(context, 2048))  # descriptor paragraphs are ~500-1500 tokens; keep all that fits
-    features = text_features(model, tokenizer, texts, pooling=pooling, max_length=max_length, cache=cache)
+    parts = dict(texts) if isinstance(texts, Mapping) else {"text": list(texts)}
+    features = torch.cat([text_features(model, tokenizer, part, pooling=pooling, max_length=max_length, depth=depth,
+                                        cache=cache / _cache_name(field)) for field, part in parts.items()], dim=1)
     table = token_embedding_table(model)  # (V, H) frozen copy
     train_text, held_text = split_corpus(english_corpus(), held_out_fraction=0.1, seed=0)
     unique, stream = np.unique(_token_ids(tokenizer, train_text), return_inverse=True)
     held = _token_ids(tokenizer, held_text)
     held = np.random.default_rng(0).choice(held, size=min(EVAL_TOKENS, len(held)), replace=False)
-    info = {**backbone_info(model), "text_max_length": max_length, "pooling": pooling,
+    info = {**backbone_info(model), "text_max_length": max_length, "pooling": pooling, "depth": depth,
+            "text_fields": list(parts),
             "english_tokens": int(len(stream)), "english_distinct_tokens": int(len(unique))}
     side = TextSide(features, table[torch.from_numpy(unique)].clone(), stream.astype(np.int64),
                     table[torch.from_numpy(held)].clone(), info)
     del model, tokenizer, table
     gc.collect()  # the LLM is not needed again in this stage
     return side
+
+
+def _cache_name(field: str) -> str:
+    return "text_features.safetensors" if field == "text" else f"text_features_{field}.safetensors"
 
 
 def _token_ids(tokenizer, paragraphs: list[str]) -> np.ndarray:
@@ -274,9 +305,11 @@ class ProgressTracker(nn.Module):
         return int(self.batches_done) >= self.total_batches
 
 
-def build_config(preset: str, inputs: StageInputs, hidden_size: int, overrides: Mapping | None) -> TokenizerConfig:
-    """The preset with sizes from the cohort and the LLM; gradient positioning on when gradients exist
-    (``overrides={"gradient_positioning": False}`` turns it off)."""
+def build_config(preset: str, inputs: StageInputs, hidden_size: int, overrides: Mapping | None,
+                 text_parts: int = 1) -> TokenizerConfig:
+    """The preset with sizes from the cohort and the LLM (``text_parts`` pooled texts of ``hidden_size`` each per
+    scan); gradient positioning on when gradients exist (``overrides={"gradient_positioning": False}`` turns it
+    off)."""
     overrides = dict(overrides or {})
     fixed = sorted(set(overrides) & set(_FROM_DATA))
     if fixed:
@@ -284,7 +317,8 @@ def build_config(preset: str, inputs: StageInputs, hidden_size: int, overrides: 
     if overrides.get("gradient_positioning") and inputs.gradients is None:
         raise FmrilmError(f"gradient_positioning needs the group gradients of {inputs.descriptors / 'reference'}, "
                           "which are missing or do not match the cohort's ROIs; run 'fmrilm describe' again")
-    sizes = {"n_rois": inputs.n_rois, "length": inputs.length, "text_dim": hidden_size, "llm_embed_dim": hidden_size,
+    sizes = {"n_rois": inputs.n_rois, "length": inputs.length, "text_dim": hidden_size * text_parts,
+             "llm_embed_dim": hidden_size,
              "gradient_positioning": inputs.gradients is not None}
     return load_preset(preset, **{**sizes, **overrides})
 
@@ -301,8 +335,8 @@ def stage_train_config(preset: str, train: TrainConfig | Mapping | None) -> Trai
 def run_train_tokenizer(
     cohort: str | os.PathLike, descriptors: str | os.PathLike, out: str | os.PathLike, *,
     preset: str = "quick", llm: str = "smollm2-135m", train: TrainConfig | Mapping | None = None,
-    overrides: Mapping | None = None, held_out_fraction: float = 0.1, text_pooling: str = "last",
-    resume: bool = False, overwrite: bool = False,
+    overrides: Mapping | None = None, held_out_fraction: float = 0.1, text_pooling: str = "mean",
+    text_fields: Sequence[str] = DOMAIN_FIELDS, text_depth: float = 0.8, resume: bool = False, overwrite: bool = False,
 ) -> dict:
     """Train the Stage 1 tokenizer on a described cohort and write it to ``out`` (see the module docstring).
 
@@ -320,9 +354,13 @@ def run_train_tokenizer(
         A TrainConfig used as is, or a dict of TrainConfig fields over the stage defaults (``TRAIN_DEFAULTS``).
     held_out_fraction
         Fraction of subjects held out when the phenotypes have no ``split`` column.
-    text_pooling
-        ``"last"`` (the paper's: the LLM's state at the descriptor paragraph's last token) or ``"mean"`` (mean
-        over its tokens; carries more of a long paragraph's content for small or untrained LLMs).
+    text_fields, text_pooling, text_depth
+        How descriptor texts become text features: the ``texts.jsonl`` fields pooled one by one and concatenated,
+        the pooling (``"last"`` token or ``"mean"`` over tokens) and the LLM layer as a fraction of its depth
+        (1.0: the final output). The paper pools the whole paragraph (``("text",)``) at its last token of the final
+        layer; with SmolLM2-135M those features hardly tell scans apart (even a perfect fMRI side, the descriptors
+        themselves, retrieves at chance; benchmarks/bench_text_features.py), while the default - each domain
+        paragraph mean-pooled at 0.8 of the depth - raises that ceiling well above chance (README, Stage 1).
     resume
         Continue the run in ``out/train`` from its newest checkpoint.
 
@@ -332,15 +370,23 @@ def run_train_tokenizer(
         The held-out metrics written to ``eval.json``; for a run stopped by ``max_steps`` before its last step,
         ``{"finished": False, "batches_done": ..., "total_batches": ...}`` and nothing but checkpoints is written.
     """
-    out = _check_out(Path(out), resume, overwrite)
+    final = Path(out)
+    out = _check_out(final, resume, overwrite)  # a staging directory when overwriting
     inputs = load_inputs(cohort, descriptors)
     split = split_subjects(inputs, held_out_fraction)
     train_cfg = stage_train_config(preset, train)
     build_config(preset, inputs, 8, overrides)  # a bad preset or override fails before the LLM is loaded
-    text = encode_text_side(llm, inputs.texts, out / CACHE_DIR / "text_features.safetensors", text_pooling)
-    config = build_config(preset, inputs, text.info["hidden_size"], overrides)
+    fields = list(dict.fromkeys(text_fields))
+    if not fields:
+        raise FmrilmError("text_fields is empty; give at least one of " + ", ".join(TEXT_FIELDS))
+    texts = {field: field_texts(inputs, field) for field in fields}  # checked before the LLM is loaded
+    if out != final and (final / CACHE_DIR).is_dir():  # an overwrite reuses the old run's text features if unchanged
+        link_tree(final / CACHE_DIR, out / CACHE_DIR)
+    text = encode_text_side(llm, texts, out / CACHE_DIR, text_pooling, text_depth)
+    config = build_config(preset, inputs, text.info["hidden_size"], overrides, text_parts=len(fields))
     run = {"cohort": str(inputs.cohort.resolve()), "descriptors": str(inputs.descriptors.resolve()), "llm": llm,
-           "text_pooling": text_pooling, "preset": str(preset), "tokenizer_config": config.to_dict(),
+           "text_pooling": text_pooling, "text_fields": fields, "text_depth": float(text_depth),
+           "preset": str(preset), "tokenizer_config": config.to_dict(),
            "held_out_fraction": held_out_fraction, "held_out_subjects": split["held_out_subjects"],
            "train_subjects_sha256": split["train_subjects_sha256"]}
     trainer, tracker = _make_trainer(config, train_cfg, inputs, split, text, out)
@@ -348,7 +394,9 @@ def run_train_tokenizer(
     trainer.fit(resume=resume)
     if not tracker.finished:
         return {"finished": False, "batches_done": int(tracker.batches_done), "total_batches": tracker.total_batches}
-    return _finish(trainer, tracker.model, inputs, split, text, out, {**run, "train_config": train_cfg.to_dict()})
+    metrics = _finish(trainer, tracker.model, inputs, split, text, out, {**run, "train_config": train_cfg.to_dict()})
+    trainer.publish(out, final)
+    return metrics
 
 
 def _make_trainer(config: TokenizerConfig, train_cfg: TrainConfig, inputs: StageInputs, split: dict,
@@ -356,6 +404,7 @@ def _make_trainer(config: TokenizerConfig, train_cfg: TrainConfig, inputs: Stage
     set_seed(train_cfg.seed)  # the same initial weights on every run and every process
     tracker = ProgressTracker(FMRITokenizerForTraining(config, inputs.gradients))
     tracker.model.criterion.contrast.set_text_statistics(text.features[split["train"]])  # training texts only
+    tracker.model.criterion.contrast.init_bias_for_batch(train_cfg.batch_size)  # pairs are contrasted per process
     held = split["held_out"]
 
     def eval_fn(module: ProgressTracker) -> dict[str, float]:  # cheap per-epoch check; the full eval is at the end
@@ -370,8 +419,9 @@ def _make_trainer(config: TokenizerConfig, train_cfg: TrainConfig, inputs: Stage
 
 
 def _check_out(out: Path, resume: bool, overwrite: bool) -> Path:
-    """Refuse a finished tokenizer (unless overwrite) and an unfinished run not resumed; before any work."""
-    return check_training_output(out, resume, overwrite, marker=META_FILE, what="a finished tokenizer",
+    """Refuse a finished tokenizer (unless overwrite) and an unfinished run not resumed, before any work; return the
+    directory to build in (:func:`fmrilm.io.training_output`)."""
+    return training_output(out, resume, overwrite, marker=META_FILE, what="a finished tokenizer",
                                  train_dir=TRAIN_DIR)
 
 
