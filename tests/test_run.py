@@ -171,7 +171,9 @@ def test_every_stage_end_to_end_on_tiny_models(first, tmp_path):
     status = rerun(config_file, tmp_path / "out")
     assert status == {name: "ran" for name in status} and len(status) == 8
     rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
-    assert {(r["method"], r["cohort"]) for r in rows} == {("fmrilm", "toy"), ("fc_logreg", "toy")}
+    # the calibrated answers and, for comparison, the raw ones (fmrilm.instruct.calibration)
+    assert {(r["method"], r["cohort"]) for r in rows} == {("fmrilm", "toy"), ("fmrilm (uncalibrated)", "toy"),
+                                                           ("fc_logreg", "toy")}
     assert (tmp_path / "out" / "report.html").is_file() and (tmp_path / "out" / "instruct" / "instruct.json").is_file()
     assert json.loads((tmp_path / "out" / "descriptors" / "toy" / "check_sex.json").read_text())["target"] == "sex"
     second = rerun(config_file, tmp_path / "out")

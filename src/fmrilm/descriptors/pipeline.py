@@ -15,6 +15,7 @@ import datetime as _dt
 import json
 import multiprocessing
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -28,6 +29,7 @@ from fmrilm.errors import FmrilmError
 from fmrilm.io import atomic_output_dir, check_output_dir, write_json_atomic
 
 RAW_FILE, Z_FILE, TEXTS_FILE, REFERENCE_DIR = "descriptors.parquet", "descriptors_z.parquet", "texts.jsonl", "reference"
+TEXT_CHUNK = 256  # scan rows turned into dicts at a time when writing texts.jsonl
 _WORKER: dict = {}  # the reference and cohort a worker process measures with (inherited through fork)
 
 
@@ -40,31 +42,60 @@ def training_indices(cohort: Cohort) -> np.ndarray:
     return np.flatnonzero(cohort.scans["subject_id"].isin(train).to_numpy())
 
 
-def _measure_indices(indices: list[int]) -> list[dict]:
+def _measure_indices(indices: list[int]) -> tuple[tuple[str, ...], np.ndarray]:
     reference, cohort = _WORKER["reference"], _WORKER["cohort"]
-    return [reference.measure(cohort.scan(i)) for i in indices]
+    return _block([reference.measure(cohort.scan(i)) for i in indices])
+
+
+def _block(rows: list[dict]) -> tuple[tuple[str, ...], np.ndarray]:
+    """Measure dicts as (column names, (len(rows), C) float64): 8 bytes a value instead of ~100 in a dict."""
+    columns = tuple(dict.fromkeys(key for row in rows for key in row))
+    return columns, np.array([[row.get(c, np.nan) for c in columns] for row in rows], dtype=np.float64)
+
+
+class _Blocks:
+    """Measured chunks in arrival order; chunks with the same columns share one tuple of names."""
+
+    def __init__(self) -> None:
+        self.blocks: list[tuple[tuple[str, ...], np.ndarray]] = []
+        self._layouts: dict[tuple[str, ...], tuple[str, ...]] = {}
+
+    def add(self, block: tuple[tuple[str, ...], np.ndarray]) -> int:
+        columns, values = block
+        self.blocks.append((self._layouts.setdefault(columns, columns), values))
+        return len(values)
+
+    def table(self) -> pd.DataFrame:
+        """One row per measured scan; a column some chunks lack is NaN there (as a DataFrame of dicts)."""
+        if not self.blocks:
+            return pd.DataFrame()
+        if len(self._layouts) == 1:
+            (columns,) = self._layouts
+            return pd.DataFrame(np.concatenate([v for _, v in self.blocks]), columns=list(columns))
+        return pd.concat([pd.DataFrame(v, columns=list(c)) for c, v in self.blocks], ignore_index=True)
 
 
 def measure_all(reference: DescriptorReference, cohort: Cohort, jobs: int = 1, chunk: int = 8) -> pd.DataFrame:
-    """Raw measures of every scan of ``cohort`` (one row per scan), in ``jobs`` processes."""
+    """Raw measures of every scan of ``cohort`` (one row per scan), in ``jobs`` processes.
+
+    Scans are read one chunk at a time (in each worker) and every chunk is kept as a float64 array, so memory
+    grows by 8 bytes per scan and measure, not by a dict per scan.
+    """
     chunks = [list(range(i, min(i + chunk, len(cohort)))) for i in range(0, len(cohort), chunk)]
     _WORKER.update(reference=reference, cohort=cohort)
-    rows: list[dict] = []
+    blocks = _Blocks()
     with tqdm(total=len(cohort), desc="describe", unit="scan", disable=None) as progress:
         if jobs <= 1:
-            results = map(_measure_indices, chunks)
-            for result in results:
-                rows.extend(result)
-                progress.update(len(result))
+            for block in map(_measure_indices, chunks):
+                progress.update(blocks.add(block))
         else:
             cohort.close()  # an HDF5 handle must not be shared across fork: reopen in every process
             _WORKER["cohort"] = _Reopen(cohort.path)
             with multiprocessing.get_context("fork").Pool(jobs) as pool:
-                for result in pool.imap(_measure_indices, chunks):
-                    rows.extend(result)
-                    progress.update(len(result))
+                for block in pool.imap(_measure_indices, chunks):
+                    progress.update(blocks.add(block))
     _WORKER.clear()
-    return pd.DataFrame(rows)
+    return blocks.table()
 
 
 class _Reopen:
@@ -79,18 +110,19 @@ class _Reopen:
         return self._cohort.scan(index)
 
 
-def _texts(cohort: Cohort, z: pd.DataFrame, raw: pd.DataFrame, config: DescribeConfig) -> list[dict]:
+def _texts(cohort: Cohort, z: pd.DataFrame, raw: pd.DataFrame, config: DescribeConfig) -> Iterator[dict]:
+    """The texts.jsonl records, one scan at a time (a cohort's texts are ~7 KB a scan: never all held)."""
     table = cohort.scan_phenotypes()
     text_config = text.TextConfig(top_k=config.top_k)
-    records = []
-    for i, row in enumerate(table.to_dict(orient="records")):
+    rows = (row for start in range(0, len(table), TEXT_CHUNK)
+            for row in table.iloc[start:start + TEXT_CHUNK].to_dict(orient="records"))
+    for i, row in enumerate(rows):
         domains = text.describe(z.iloc[i].to_dict(), raw.iloc[i].to_dict(), seed=config.seed + i, config=text_config)
-        records.append({
+        yield {
             "scan_id": row["scan_id"], "subject_id": row["subject_id"], **domains,
             "text": text.paragraph(domains),
             "semantic": semantic.semantic_description(row, task=None, seed=config.seed + i),
-        })
-    return records
+        }
 
 
 def run_describe(
