@@ -473,5 +473,63 @@ def test_roi_pooling_keeps_each_roi_and_a_batch_of_one_uses_running_statistics()
     torch.testing.assert_close(one, F.normalize(module.fmri_proj(pooled[:1] / math.sqrt(1 + 1e-5)), dim=-1))
     with pytest.raises(FmrilmError, match="pooled fMRI features.*expected"):
         module.project_fmri(torch.randn(2, config.hidden))
-    with pytest.raises(FmrilmError, match="contrast_pooling must be one of mean, roi"):
+    with pytest.raises(FmrilmError, match="contrast_pooling must be one of mean, roi, network"):
         small_config(contrast_pooling="max")
+
+
+# ------------------------------------------------------------------------------------------ network pooling
+def test_network_similarity_is_the_hand_computed_mean_cosine_of_time_centred_features():
+    rng = np.random.default_rng(3)
+    features = rng.standard_normal((2, W, N, 5))  # (B, W, N, h)
+    networks = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2, 0, 1])  # 3 networks of unequal size, not contiguous
+    pooled = pool_features(torch.tensor(features), "network", torch.tensor(networks), 3).numpy()
+    assert pooled.shape == (2, 6)
+    for b in range(2):
+        centred = features[b] - features[b].mean(axis=0)  # (W, N, h)
+        v = centred.transpose(1, 0, 2).reshape(N, -1)
+        cos = (v @ v.T) / np.outer(np.linalg.norm(v, axis=1), np.linalg.norm(v, axis=1))
+        expected = []
+        for a in range(3):
+            for c in range(a, 3):
+                pairs = [cos[i, j] for i in np.flatnonzero(networks == a) for j in np.flatnonzero(networks == c) if i != j]
+                expected.append(np.mean(pairs))
+        np.testing.assert_allclose(pooled[b], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_network_similarity_of_patch_means_is_network_connectivity():
+    # With h = 1 feature per token (a patch mean) the pooling is the mean Pearson correlation of the ROIs' patch-mean
+    # series, within and between networks: the feature-space counterpart of network-pair FC.
+    x = scans(batch=1, length=T, n_rois=N, seed=5)[0].numpy()  # (T, N)
+    means = x.reshape(W, P, N).mean(axis=1)  # (W, N)
+    networks = np.array([0] * 6 + [1] * 5)
+    pooled = pool_features(torch.tensor(means)[None, :, :, None], "network", torch.tensor(networks), 2)[0].numpy()
+    r = np.corrcoef(means.T)
+    within0 = r[:6, :6][~np.eye(6, dtype=bool)].mean()
+    np.testing.assert_allclose(pooled, [within0, r[:6, 6:].mean(), r[6:, 6:][~np.eye(5, dtype=bool)].mean()],
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_network_pooling_trains_saves_and_reloads(tmp_path):
+    networks = torch.tensor([0, 1, 2] * 3 + [0, 1])
+    config = small_config(contrast_pooling="network", n_networks=3)
+    assert config.pooled_dim == 6
+    model = FMRITokenizerForTraining(config, roi_networks=networks)
+    batch = {"x": scans(4), "text_features": torch.randn(4, config.text_dim)}
+    out = model(batch)
+    assert out["contrast_loss"].isfinite() and model.tokenizer(batch)["pooled"].shape == (4, 6)
+    out["loss"].backward()
+    assert model.tokenizer.embed.patch.weight.grad.abs().sum() > 0  # the pooling passes gradients to the encoder
+    model.tokenizer.save_pretrained(tmp_path / "tok")
+    loaded = FMRITokenizer.from_pretrained(tmp_path / "tok")
+    torch.testing.assert_close(loaded.roi_networks, networks)
+    x = scans(2)
+    torch.testing.assert_close(loaded.pool(loaded.encode(x)[1]), model.tokenizer.eval().pool(model.tokenizer.encode(x)[1]))
+
+
+def test_network_pooling_errors_name_the_fix():
+    with pytest.raises(FmrilmError, match="contrast_pooling 'network' needs roi_networks"):
+        FMRITokenizer(small_config(contrast_pooling="network", n_networks=2))
+    with pytest.raises(FmrilmError, match=r"roi_networks must be 11 integers \(n_rois,\) in \[0, 2\)"):
+        FMRITokenizer(small_config(contrast_pooling="network", n_networks=2), roi_networks=np.arange(11))
+    with pytest.raises(FmrilmError, match="needs at least 2 patches per ROI"):
+        small_config(contrast_pooling="network", patch_size=T)

@@ -66,7 +66,8 @@ def train_config(**overrides) -> TrainConfig:
 def train(described, out, **kwargs) -> dict:
     cohort, desc = described
     kwargs.setdefault("train", train_config())
-    return run_train_tokenizer(cohort, desc, out, preset="tiny", llm="tiny-gpt2", overrides=TINY, **kwargs)
+    kwargs.setdefault("overrides", TINY)
+    return run_train_tokenizer(cohort, desc, out, preset="tiny", llm="tiny-gpt2", **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -235,6 +236,19 @@ def test_sizes_from_the_data_cannot_be_overridden():
     with pytest.raises(FmrilmError, match="gradient_positioning needs the group gradients"):
         build_config("tiny", inputs, 32, {"gradient_positioning": True})
     assert build_config("tiny", inputs, 24, None).llm_embed_dim == 24
+    with pytest.raises(FmrilmError, match=r"contrast_pooling 'network' needs each ROI's network, the 'network' column "
+                                          r"of cohort/rois.parquet"):
+        build_config("tiny", inputs, 32, {"contrast_pooling": "network"})
+
+
+def test_network_pooling_takes_the_networks_of_the_cohort_rois(described, tmp_path):
+    out = tmp_path / "tok"
+    metrics = train(described, out, overrides={**TINY, "contrast_pooling": "network"}, train=train_config(epochs=1))
+    assert 0 <= metrics["retrieval_f2t_top1"] <= 1
+    tokenizer = FMRITokenizer.from_pretrained(out)
+    names = sorted(set(NETWORKS))  # Cont, Default, Subcortical, Vis
+    assert tokenizer.config.n_networks == 4 and tokenizer.config.pooled_dim == 10
+    assert tokenizer.roi_networks.tolist() == [names.index(n) for n in NETWORKS]
 
 
 def test_tokenize_refuses_a_cohort_with_other_rois(trained, tmp_path):

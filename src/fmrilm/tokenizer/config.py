@@ -20,7 +20,7 @@ from fmrilm.errors import FmrilmError
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets" / "tokenizer"
 QUANTIZERS = ("vq", "fsq")
 CONTRASTIVE = ("siglip", "clip")
-CONTRAST_POOLINGS = ("mean", "roi")
+CONTRAST_POOLINGS = ("mean", "roi", "network")
 
 
 @dataclass
@@ -53,10 +53,12 @@ class TokenizerConfig:
     llm_embed_dim: int = 768  # width of the frozen LLM's input token embeddings (the "text" domain)
     shared_dim: int = 512  # width of the shared space of the contrastive loss
     contrastive: str = "siglip"  # "siglip" (sigmoid loss, Zhai et al. 2023) or "clip" (symmetric InfoNCE)
-    # what the contrastive loss sees of a scan: "mean" over all tokens (h,) or "roi", each ROI's mean over time
-    # side by side (N * h,), which keeps where in the brain a feature is (N * h * shared_dim projection weights:
-    # for small presets; on 300 simulated scans it fit the training pairs but not held-out ones, see README)
+    # what the contrastive loss sees of a scan: "mean" over all tokens (h,); "roi", each ROI's mean over time
+    # side by side (N * h,), which keeps where in the brain a feature is (on 300 simulated scans it fit the training
+    # pairs but not held-out ones, see README); or "network", the mean cosine similarity of the ROIs' time-centred
+    # features within and between networks (K (K + 1) / 2,), a learned analogue of network-pair connectivity
     contrast_pooling: str = "mean"
+    n_networks: int = 1  # K, networks the ROIs belong to (from the cohort's ROI table; used by "network" pooling)
     domain_hidden: int = 256  # hidden width of the domain classifier Linear(h, .)-GELU-Linear(., 2)
     # -- loss weights (0 switches a part off)
     recon_weight: float = 1.0  # reconstruction MSE
@@ -73,6 +75,9 @@ class TokenizerConfig:
                  f"got {self.contrastive!r}")
         _require(self.contrast_pooling in CONTRAST_POOLINGS,
                  f"contrast_pooling must be one of {', '.join(CONTRAST_POOLINGS)}, got {self.contrast_pooling!r}")
+        _require(self.contrast_pooling != "network" or self.n_patches >= 2,
+                 f"contrast_pooling 'network' needs at least 2 patches per ROI (length / patch_size), got "
+                 f"{self.n_patches}; choose a smaller patch_size or another pooling")
         _require(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
         _require(self.mlp_ratio > 0, f"mlp_ratio must be > 0, got {self.mlp_ratio}; 4.0 is usual")
 
@@ -115,6 +120,12 @@ class TokenizerConfig:
     def n_tokens(self) -> int:
         """W * N, tokens per scan."""
         return self.n_patches * self.n_rois
+
+    @property
+    def pooled_dim(self) -> int:
+        """Width of the pooled features the contrastive loss sees (see ``contrast_pooling``)."""
+        return {"mean": self.hidden, "roi": self.n_rois * self.hidden,
+                "network": self.n_networks * (self.n_networks + 1) // 2}[self.contrast_pooling]
 
     @property
     def vocab_size(self) -> int:

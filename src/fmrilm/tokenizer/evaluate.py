@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from fmrilm.data.cohort import Cohort, load_cohort
 from fmrilm.errors import FmrilmError
 from fmrilm.tokenizer.losses import FMRI_DOMAIN, TEXT_DOMAIN, TokenizerLoss
-from fmrilm.tokenizer.model import FMRITokenizer, FMRITokenizerForTraining, pool_features
+from fmrilm.tokenizer.model import FMRITokenizer, FMRITokenizerForTraining
 
 METRICS = ("n_held_out", "reconstruction_mse", "reconstruction_r2", "codebook_usage", "n_codes_used",
            "codebook_perplexity", "domain_accuracy", "retrieval_f2t_top1", "retrieval_t2f_top1",
@@ -130,12 +130,12 @@ def _pass_over_scans(model: FMRITokenizer, heads: TokenizerLoss | None, cohort, 
         stats["sumsq"] += x64.pow(2).sum(dim=(0, 1)).cpu()
         stats["count"] += x.shape[0] * x.shape[1]
         stats["counts"] += torch.bincount(codes.reshape(-1).cpu(), minlength=model.config.vocab_size)
-        stats["pooled"].append(pool_features(features, model.config.contrast_pooling).cpu())  # as in training
+        stats["pooled"].append(model.pool(features).cpu())  # as in training
         if heads is not None:
             predicted = heads.domain.classifier(features.reshape(-1, features.shape[-1])).argmax(-1)
             stats["fmri_hits"] += int((predicted == FMRI_DOMAIN).sum())
             stats["fmri_tokens"] += predicted.numel()
-    stats["pooled"] = torch.cat(stats["pooled"])  # (n, h) or (n, N * h)
+    stats["pooled"] = torch.cat(stats["pooled"])  # (n, pooled_dim)
     return stats
 
 

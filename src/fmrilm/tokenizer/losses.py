@@ -118,7 +118,7 @@ class ContrastiveLoss(nn.Module):
     def __init__(self, config: TokenizerConfig):
         super().__init__()
         self.kind = config.contrastive
-        pooled_dim = config.hidden * (config.n_rois if config.contrast_pooling == "roi" else 1)
+        pooled_dim = config.pooled_dim
         # Pooled fMRI features are standardised per dimension (batch statistics in training, running ones after),
         # like the text side below: a pooled mean is mostly what all scans share, and the L2-normalised projection
         # of (shared + small scan-specific part) starts out nearly the same for every scan.
@@ -152,7 +152,7 @@ class ContrastiveLoss(nn.Module):
         self.text_scale.copy_(text_features.std(0, unbiased=False) + 1e-6)
 
     def project_fmri(self, pooled: Tensor) -> Tensor:
-        """(B, h) or (B, N * h) pooled fMRI features -> standardised -> (B, shared_dim), L2-normalised."""
+        """(B, config.pooled_dim) pooled fMRI features -> standardised -> (B, shared_dim), L2-normalised."""
         pooled = _check_width(pooled, self.fmri_proj.in_features, "pooled fMRI features")
         norm = self.fmri_norm
         if norm.training and len(pooled) < 2:  # batch statistics need two scans: a last batch of one uses the running
@@ -167,7 +167,7 @@ class ContrastiveLoss(nn.Module):
         return F.normalize(self.text_proj((text_features - self.text_shift) / self.text_scale), dim=-1)
 
     def forward(self, pooled: Tensor, text_features: Tensor) -> Tensor:
-        """Loss of (B, h) pooled fMRI features against (B, text_dim) text features of the same scans."""
+        """Loss of (B, config.pooled_dim) pooled fMRI features against (B, text_dim) text features of the same scans."""
         text = self.project_text(text_features)  # (B, D)
         if len(text) != len(pooled):
             raise FmrilmError(f"text_features has {len(text)} rows for {len(pooled)} scans; "

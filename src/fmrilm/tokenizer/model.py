@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from vector_quantize_pytorch import FSQ, VectorQuantize
 
@@ -57,12 +58,44 @@ def sequence_to_tokens(sequence: Tensor, n_rois: int) -> Tensor:
     return sequence.unflatten(1, (sequence.shape[1] // n_rois, n_rois))
 
 
-def pool_features(features: Tensor, how: str = "mean") -> Tensor:
-    """(B, W, N, h) encoder features -> (B, h) mean over all tokens (``"mean"``) or (B, N * h) each ROI's mean
-    over time, ROI by ROI (``"roi"``)."""
+def pool_features(features: Tensor, how: str = "mean", networks: Tensor | None = None,
+                  n_networks: int | None = None) -> Tensor:
+    """(B, W, N, h) encoder features -> one vector per scan, as ``how`` says.
+
+    ``"mean"``: (B, h), the mean over all tokens; ``"roi"``: (B, N * h), each ROI's mean over time, ROI by ROI;
+    ``"network"``: (B, K (K + 1) / 2), :func:`network_similarity` with ``networks`` (N,) the network index of each
+    ROI in [0, K), K = ``n_networks``.
+    """
     if how == "roi":
         return features.mean(dim=1).flatten(1)
+    if how == "network":
+        assert networks is not None, "network pooling needs the ROIs' networks"
+        return network_similarity(features, networks, n_networks)
     return features.mean(dim=(1, 2))
+
+
+def network_similarity(features: Tensor, networks: Tensor, n_networks: int | None = None) -> Tensor:
+    """Mean similarity of encoder features within and between networks: (B, W, N, h) -> (B, K (K + 1) / 2).
+
+    A second-order pooling, the feature-space counterpart of network-pair functional connectivity (what most
+    descriptor sentences talk about, and what a mean over tokens cannot express). Each ROI's features are centred
+    over time, which removes its ROI embedding and anything else constant in time, flattened to one (W * h) vector
+    and L2-normalised; the cosine similarity of two different ROIs is averaged over all ROI pairs of each pair of
+    networks (a, b), a <= b, ordered row by row (``torch.triu_indices``); a pair without ROI pairs gives 0.
+    ``networks`` (N,) holds each ROI's network index in [0, K); K = ``n_networks`` (default networks.max() + 1).
+    Needs W >= 2 patches per ROI (with one, centring leaves nothing).
+    """
+    centred = features - features.mean(dim=1, keepdim=True)  # (B, W, N, h)
+    vectors = F.normalize(centred.transpose(1, 2).flatten(2).float(), dim=-1)  # (B, N, W*h)
+    similarity = vectors @ vectors.transpose(1, 2)  # (B, N, N)
+    n_networks = int(networks.max()) + 1 if n_networks is None else n_networks
+    onehot = F.one_hot(networks.long(), n_networks).to(similarity.dtype)  # (N, K)
+    sums = onehot.T @ similarity @ onehot  # (B, K, K): sum over the ROI pairs of each network pair
+    sums = sums - torch.diag_embed(torch.diagonal(similarity, dim1=1, dim2=2) @ onehot)  # drop the self-pairs
+    sizes = onehot.sum(0)  # (K,)
+    pairs = sizes[:, None] * sizes[None, :] - torch.diag(sizes)  # (K, K) ordered ROI pairs, self-pairs excluded
+    upper = torch.triu_indices(len(sizes), len(sizes), device=features.device)
+    return (sums / pairs.clamp(min=1))[:, upper[0], upper[1]]  # (B, K (K + 1) / 2)
 
 
 def sincos_embedding(n_positions: int, dim: int) -> Tensor:
@@ -120,6 +153,20 @@ def _check_gradients(roi_gradients: Tensor | np.ndarray | None, config: Tokenize
         raise FmrilmError(f"roi_gradients must be finite with shape ({config.n_rois}, 3) (n_rois, first three "
                           f"gradients), got shape {tuple(gradients.shape)}")
     return gradients.clone()
+
+
+def _check_networks(roi_networks: Tensor | np.ndarray | None, config: TokenizerConfig) -> Tensor | None:
+    if roi_networks is None:
+        if config.contrast_pooling == "network":
+            raise FmrilmError("contrast_pooling 'network' needs roi_networks, each ROI's network index (n_rois,); "
+                              "pass them or choose contrast_pooling 'mean'")
+        return None
+    networks = torch.as_tensor(np.array(roi_networks) if not torch.is_tensor(roi_networks) else roi_networks)
+    whole = networks.dtype in (torch.int32, torch.int64) or bool((networks == networks.round()).all())
+    if tuple(networks.shape) != (config.n_rois,) or not whole or networks.min() < 0 or networks.max() >= config.n_networks:
+        raise FmrilmError(f"roi_networks must be {config.n_rois} integers (n_rois,) in [0, {config.n_networks}) "
+                          f"(n_networks), got shape {tuple(networks.shape)}")
+    return networks.long().clone()
 
 
 def transformer(config: TokenizerConfig, n_layers: int) -> nn.TransformerEncoder:
@@ -182,12 +229,18 @@ class FMRITokenizer(nn.Module):
         Architecture (see :class:`TokenizerConfig`; presets via :func:`fmrilm.tokenizer.load_preset`).
     roi_gradients
         (N, 3) reference gradient coordinates of each ROI; required with ``config.gradient_positioning``.
+    roi_networks
+        (N,) network index of each ROI in [0, config.n_networks); required with ``contrast_pooling="network"``.
     """
 
-    def __init__(self, config: TokenizerConfig, roi_gradients: Tensor | np.ndarray | None = None):
+    def __init__(self, config: TokenizerConfig, roi_gradients: Tensor | np.ndarray | None = None,
+                 roi_networks: Tensor | np.ndarray | None = None):
         super().__init__()
         self.config = config
         self.embed = TokenEmbedding(config, roi_gradients)
+        networks = _check_networks(roi_networks, config)
+        if networks is not None:
+            self.register_buffer("roi_networks", networks)  # (N,), saved with the weights
         self.encoder = transformer(config, config.layers)
         self.quantizer = Quantizer(config)
         self.decoder = transformer(config, config.decoder_layers)
@@ -206,17 +259,22 @@ class FMRITokenizer(nn.Module):
         dict
             ``recon`` (B, T, N); ``codes`` (B, W, N) long; ``features`` (B, W, N, h) continuous encoder
             features before quantization (what Stage 2 feeds to the LLM); ``quantized`` (B, W, N, h);
-            ``pooled`` (B, h) or (B, N * h), ``features`` pooled as ``config.contrast_pooling`` says
-            (:func:`pool_features`); ``commit_loss`` () (0 in eval mode and for FSQ).
+            ``pooled`` (B, config.pooled_dim), ``features`` pooled as ``config.contrast_pooling`` says
+            (:meth:`pool`); ``commit_loss`` () (0 in eval mode and for FSQ).
         """
         features = self.encode_features(batch["x"])  # (B, W, N, h)
         quantized, codes, commit = self.quantizer(tokens_to_sequence(features))  # (B, W*N, h), (B, W*N)
         quantized = sequence_to_tokens(quantized, self.config.n_rois)  # (B, W, N, h)
         return {
             "recon": self._reconstruct(quantized), "codes": sequence_to_tokens(codes, self.config.n_rois),
-            "features": features, "quantized": quantized, "pooled": pool_features(features, self.config.contrast_pooling),
+            "features": features, "quantized": quantized, "pooled": self.pool(features),
             "commit_loss": commit,
         }
+
+    def pool(self, features: Tensor) -> Tensor:
+        """(B, W, N, h) encoder features -> (B, config.pooled_dim), as the contrastive loss sees them."""
+        return pool_features(features, self.config.contrast_pooling, getattr(self, "roi_networks", None),
+                             self.config.n_networks)
 
     def encode_features(self, x: Tensor) -> Tensor:
         """(B, T, N) scans -> (B, W, N, h) continuous encoder features."""
@@ -297,7 +355,8 @@ class FMRITokenizer(nn.Module):
         if saved.get("format") != FORMAT:
             raise FmrilmError(f"{directory / CONFIG_FILE} has format {saved.get('format')!r}, expected {FORMAT!r}")
         state = load_file(str(directory / WEIGHTS_FILE))
-        model = cls(TokenizerConfig.from_dict(saved["config"]), roi_gradients=state.get("embed.roi_gradients"))
+        model = cls(TokenizerConfig.from_dict(saved["config"]), roi_gradients=state.get("embed.roi_gradients"),
+                    roi_networks=state.get("roi_networks"))
         try:
             model.load_state_dict(state)
         except RuntimeError as exc:
@@ -313,9 +372,10 @@ class FMRITokenizerForTraining(nn.Module):
     This is the module the shared Trainer optimises; save ``.tokenizer`` for later stages.
     """
 
-    def __init__(self, config: TokenizerConfig, roi_gradients: Tensor | np.ndarray | None = None):
+    def __init__(self, config: TokenizerConfig, roi_gradients: Tensor | np.ndarray | None = None,
+                 roi_networks: Tensor | np.ndarray | None = None):
         super().__init__()
-        self.tokenizer = FMRITokenizer(config, roi_gradients)
+        self.tokenizer = FMRITokenizer(config, roi_gradients, roi_networks)
         self.criterion = TokenizerLoss(config)
 
     def forward(self, batch: dict) -> dict[str, Tensor]:

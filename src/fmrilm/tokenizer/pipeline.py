@@ -37,6 +37,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -48,7 +49,7 @@ from torch.utils.data import Dataset, default_collate
 
 from fmrilm import __version__
 from fmrilm.data.cohort import load_cohort
-from fmrilm.errors import FmrilmError
+from fmrilm.errors import FmrilmError, FmrilmWarning
 from fmrilm.io import check_same_run, link_tree, training_output, write_json_atomic
 from fmrilm.tokenizer.config import TokenizerConfig, load_preset
 from fmrilm.tokenizer.evaluate import evaluate_tokenizer, scan_batches
@@ -59,7 +60,7 @@ META_FILE, EVAL_FILE, RUN_FILE, TRAIN_DIR, CACHE_DIR = "tokenizer_meta.json", "e
 TEXT_FIELDS = ("text", "fc", "fg", "ica", "graph")  # texts.jsonl: the whole paragraph, then one per domain
 DOMAIN_FIELDS = TEXT_FIELDS[1:]
 _OWNED = (META_FILE, EVAL_FILE, RUN_FILE, CONFIG_FILE, WEIGHTS_FILE, TRAIN_DIR)  # what --overwrite removes
-_FROM_DATA = ("n_rois", "length", "text_dim", "llm_embed_dim")  # set from the cohort and the LLM, never overridden
+_FROM_DATA = ("n_rois", "length", "text_dim", "llm_embed_dim", "n_networks")  # from the cohort and the LLM, fixed
 SPLIT_SEED = 0  # the held-out subjects do not move when the training seed changes
 TOKENS_PER_SCAN = 4  # English token embeddings per scan in a batch (B2 = 4 B)
 EVAL_TOKENS = 4096  # held-out English tokens for the domain accuracy
@@ -73,7 +74,8 @@ TRAIN_DEFAULTS: dict[str, dict] = {  # per preset (file stem, lower case); "defa
 # ----------------------------------------------------------------------------------------------- inputs
 @dataclasses.dataclass
 class StageInputs:
-    """A cohort matched with its descriptor texts: ``texts[i]`` describes scan i; ``gradients`` (N, 3) or None."""
+    """A cohort matched with its descriptor texts: ``texts[i]`` describes scan i; ``gradients`` (N, 3) or None;
+    ``networks`` (N,) each ROI's index into ``network_names`` (sorted), or None when the ROI table lacks networks."""
 
     cohort: Path
     descriptors: Path
@@ -83,6 +85,8 @@ class StageInputs:
     n_rois: int
     length: int
     phenotypes: pd.DataFrame
+    networks: np.ndarray | None = None
+    network_names: list[str] = dataclasses.field(default_factory=list)
 
 
 def load_inputs(cohort: str | os.PathLike, descriptors: str | os.PathLike) -> StageInputs:
@@ -91,9 +95,19 @@ def load_inputs(cohort: str | os.PathLike, descriptors: str | os.PathLike) -> St
     with load_cohort(cohort) as opened:
         scan_ids, subjects = ([str(s) for s in opened.scans[c]] for c in ("scan_id", "subject_id"))
         (_, length, n_rois), phenotypes = opened.timeseries.shape, opened.phenotypes
+        names = opened.rois["network"] if "network" in opened.rois else None
     texts = _match_texts(_read_texts(descriptors), scan_ids, subjects, cohort, descriptors)
+    networks, network_names = _roi_networks(names)
     return StageInputs(cohort, descriptors, subjects, texts, _reference_gradients(descriptors, n_rois), int(n_rois),
-                       int(length), phenotypes)
+                       int(length), phenotypes, networks, network_names)
+
+
+def _roi_networks(names: pd.Series | None) -> tuple[np.ndarray | None, list[str]]:
+    """Each ROI's index into the sorted network names of the ROI table; (None, []) when any ROI has none."""
+    if names is None or names.isna().any() or (names.astype(str).str.strip() == "").any():
+        return None, []
+    network_names = sorted(names.astype(str).unique())
+    return names.astype(str).map({n: i for i, n in enumerate(network_names)}).to_numpy(np.int64), network_names
 
 
 def _read_texts(descriptors: Path) -> dict[str, dict]:
@@ -315,13 +329,23 @@ def build_config(preset: str, inputs: StageInputs, hidden_size: int, overrides: 
     fixed = sorted(set(overrides) & set(_FROM_DATA))
     if fixed:
         raise FmrilmError(f"tokenizer settings {fixed} come from the cohort and the LLM and cannot be overridden")
+    if overrides.get("contrast_pooling") == "network" and inputs.networks is None:
+        raise FmrilmError(f"contrast_pooling 'network' needs each ROI's network, the 'network' column of "
+                          f"{inputs.cohort / 'rois.parquet'}, which is missing or incomplete; prepare the cohort with "
+                          "an atlas whose labels name networks, or set contrast_pooling to 'mean'")
     if overrides.get("gradient_positioning") and inputs.gradients is None:
         raise FmrilmError(f"gradient_positioning needs the group gradients of {inputs.descriptors / 'reference'}, "
                           "which are missing or do not match the cohort's ROIs; run 'fmrilm describe' again")
     sizes = {"n_rois": inputs.n_rois, "length": inputs.length, "text_dim": hidden_size * text_parts,
              "llm_embed_dim": hidden_size,
-             "gradient_positioning": inputs.gradients is not None}
-    return load_preset(preset, **{**sizes, **overrides})
+             "gradient_positioning": inputs.gradients is not None,
+             "n_networks": max(1, len(inputs.network_names))}
+    config = load_preset(preset, **{**sizes, **overrides})
+    if config.contrast_pooling == "network" and inputs.networks is None:  # the preset asked for it
+        warnings.warn(f"{inputs.cohort / 'rois.parquet'} names no network for some ROIs, so the preset's "
+                      "contrast_pooling 'network' falls back to 'mean'", FmrilmWarning)
+        return load_preset(preset, **{**sizes, **overrides, "contrast_pooling": "mean"})
+    return config
 
 
 def stage_train_config(preset: str, train: TrainConfig | Mapping | None) -> TrainConfig:
@@ -404,7 +428,8 @@ def run_train_tokenizer(
 def _make_trainer(config: TokenizerConfig, train_cfg: TrainConfig, inputs: StageInputs, split: dict,
                   text: TextSide, out: Path) -> tuple[Trainer, ProgressTracker]:
     set_seed(train_cfg.seed)  # the same initial weights on every run and every process
-    tracker = ProgressTracker(FMRITokenizerForTraining(config, inputs.gradients))
+    networks = inputs.networks if config.contrast_pooling == "network" else None
+    tracker = ProgressTracker(FMRITokenizerForTraining(config, inputs.gradients, networks))
     tracker.model.criterion.contrast.set_text_statistics(text.features[split["train"]])  # training texts only
     tracker.model.criterion.contrast.init_bias_for_batch(train_cfg.batch_size)  # pairs are contrasted per process
     held = split["held_out"]
