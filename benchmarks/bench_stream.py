@@ -85,13 +85,14 @@ def stage_evaluate(size: int, work: Path, opts: dict) -> None:
 
     torch.set_num_threads(1)
     run = json.loads((work / "tok" / stage.RUN_FILE).read_text())
-    inputs = stage.load_inputs(work / "cohort", work / "desc")
+    inputs = stage.load_inputs(work / "cohort", work / "desc", run.get("text_fields", ["text"]))
     held = stage.split_subjects(inputs, run["held_out_fraction"])["held_out"]
     texts = {field: stage.field_texts(inputs, field) for field in run.get("text_fields", ["text"])}
     text = stage.encode_text_side(run["llm"], texts, work / "tok" / stage.CACHE_DIR, run["text_pooling"],
                                   run.get("text_depth", 1.0))  # the training run's cached features
-    tracker = stage.ProgressTracker(FMRITokenizerForTraining(TokenizerConfig.from_dict(run["tokenizer_config"]),
-                                                             inputs.gradients))
+    config = TokenizerConfig.from_dict(run["tokenizer_config"])
+    networks = inputs.networks if config.contrast_pooling == "network" else None
+    tracker = stage.ProgressTracker(FMRITokenizerForTraining(config, inputs.gradients, networks))
     weights = latest_checkpoint(work / "tok" / stage.TRAIN_DIR) / "model.safetensors"
     tracker.load_state_dict(load_file(str(weights)), strict=False)
     metrics = evaluate_tokenizer(tracker.model, inputs.cohort, held, text.features[held], text.eval_tokens)

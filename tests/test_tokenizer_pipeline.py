@@ -366,3 +366,21 @@ def test_an_overwrite_reuses_the_text_features_of_the_run_it_replaces(described,
     train(described, out, train=train_config(epochs=1, seed=1), overwrite=True)
     assert sorted(p.name for p in (out / "cache").iterdir()) == old_cache
     assert json.loads((out / "run.json").read_text())["tokenizer_config"] and (out / "tokenizer_meta.json").is_file()
+
+
+def test_texts_jsonl_is_read_once_for_every_requested_field(described, monkeypatch):
+    from fmrilm.tokenizer import pipeline
+
+    reads = []
+    original = pipeline._read_texts
+    monkeypatch.setattr(pipeline, "_read_texts", lambda d, fields: reads.append(list(fields)) or original(d, fields))
+    inputs = pipeline.load_inputs(*described, pipeline.DOMAIN_FIELDS)
+    texts = {field: pipeline.field_texts(inputs, field) for field in pipeline.TEXT_FIELDS}
+    assert reads == [["text", "fc", "fg", "ica", "graph"]]
+    records = [json.loads(line) for line in (described[1] / "texts.jsonl").read_text().splitlines()]
+    by_scan = {r["scan_id"]: r for r in records}
+    with load_cohort(described[0]) as opened:
+        ids = list(opened.scans["scan_id"])
+    assert texts["ica"] == [by_scan[s]["ica"] for s in ids] and texts["text"] == [by_scan[s]["text"] for s in ids]
+    assert pipeline.field_texts(pipeline.load_inputs(*described), "graph") == texts["graph"]  # read on demand
+    assert len(reads) == 3

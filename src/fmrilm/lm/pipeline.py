@@ -280,7 +280,7 @@ def run_align(
 
     final, tokenizer = Path(out), Path(tokenizer)
     out = _check_out(final, resume, overwrite)  # a staging directory when overwriting
-    inputs = load_inputs(cohort, descriptors)
+    inputs = load_inputs(cohort, descriptors, [text_field])
     config = build_config(_tokenizer_config(tokenizer, inputs), tokenizer, llm, lora, config_overrides)
     split = split_subjects(inputs, held_out_fraction)
     with load_cohort(inputs.cohort) as opened:

@@ -87,19 +87,28 @@ class StageInputs:
     phenotypes: pd.DataFrame
     networks: np.ndarray | None = None
     network_names: list[str] = dataclasses.field(default_factory=list)
+    fields: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # texts.jsonl fields read, cohort order
 
 
-def load_inputs(cohort: str | os.PathLike, descriptors: str | os.PathLike) -> StageInputs:
-    """Open the cohort and its ``fmrilm describe`` output and check that they belong together."""
+def load_inputs(cohort: str | os.PathLike, descriptors: str | os.PathLike,
+                fields: Sequence[str] = ("text",)) -> StageInputs:
+    """Open the cohort and its ``fmrilm describe`` output and check that they belong together.
+
+    ``texts.jsonl`` is read once, line by line, keeping only the ``fields`` asked for (``"text"`` always), so
+    :func:`field_texts` of those fields reads nothing more.
+    """
     cohort, descriptors = Path(cohort), Path(descriptors)
     with load_cohort(cohort) as opened:
         scan_ids, subjects = ([str(s) for s in opened.scans[c]] for c in ("scan_id", "subject_id"))
         (_, length, n_rois), phenotypes = opened.timeseries.shape, opened.phenotypes
         names = opened.rois["network"] if "network" in opened.rois else None
-    texts = _match_texts(_read_texts(descriptors), scan_ids, subjects, cohort, descriptors)
+    keep = list(dict.fromkeys(["text", *[f for f in fields if f in TEXT_FIELDS]]))
+    records = _read_texts(descriptors, keep)
+    texts = _match_texts(records, scan_ids, subjects, cohort, descriptors)
+    chosen = {field: [str(records[s].get(field) or "") for s in scan_ids] for field in keep}
     networks, network_names = _roi_networks(names)
     return StageInputs(cohort, descriptors, subjects, texts, _reference_gradients(descriptors, n_rois), int(n_rois),
-                       int(length), phenotypes, networks, network_names)
+                       int(length), phenotypes, networks, network_names, chosen)
 
 
 def _roi_networks(names: pd.Series | None) -> tuple[np.ndarray | None, list[str]]:
@@ -110,12 +119,18 @@ def _roi_networks(names: pd.Series | None) -> tuple[np.ndarray | None, list[str]
     return names.astype(str).map({n: i for i, n in enumerate(network_names)}).to_numpy(np.int64), network_names
 
 
-def _read_texts(descriptors: Path) -> dict[str, dict]:
+def _read_texts(descriptors: Path, fields: Sequence[str]) -> dict[str, dict]:
+    """{scan_id: {"subject_id", *fields}} of ``texts.jsonl``, streamed line by line (other fields dropped)."""
     path = descriptors / "texts.jsonl"
     if not path.is_file():
         raise FmrilmError(f"{descriptors} is not an 'fmrilm describe' output ({path.name} is missing); "
                           f"run 'fmrilm describe COHORT --out {descriptors}'")
-    return {str(r["scan_id"]): r for r in map(json.loads, filter(str.strip, path.read_text().splitlines()))}
+    records = {}
+    with path.open(encoding="utf-8") as lines:
+        for line in filter(str.strip, lines):
+            record = json.loads(line)
+            records[str(record["scan_id"])] = {k: record.get(k) for k in ("subject_id", *fields)}
+    return records
 
 
 def _match_texts(records: dict, scan_ids: list[str], subjects: list[str], cohort: Path, descriptors: Path) -> list[str]:
@@ -143,12 +158,16 @@ def field_texts(inputs: StageInputs, field: str) -> list[str]:
         raise FmrilmError(f"text field {field!r} is not one of {', '.join(TEXT_FIELDS)}")
     if field == "text":
         return inputs.texts
-    with load_cohort(inputs.cohort) as opened:
-        scan_ids = [str(s) for s in opened.scans["scan_id"]]
-    records = _read_texts(inputs.descriptors)
-    chosen = [str(records[s].get(field) or "") for s in scan_ids]
+    chosen = inputs.fields.get(field)
+    if chosen is None:  # not asked for by load_inputs: one more pass over texts.jsonl
+        with load_cohort(inputs.cohort) as opened:
+            scan_ids = [str(s) for s in opened.scans["scan_id"]]
+        records = _read_texts(inputs.descriptors, [field])
+        chosen = inputs.fields[field] = [str(records[s].get(field) or "") for s in scan_ids]
     if "" in chosen:
-        raise FmrilmError(f"scan {scan_ids[chosen.index('')]!r} has no {field!r} text in {inputs.descriptors}; "
+        with load_cohort(inputs.cohort) as opened:
+            scan = str(opened.scans["scan_id"].iloc[chosen.index("")])
+        raise FmrilmError(f"scan {scan!r} has no {field!r} text in {inputs.descriptors}; "
                           "describe the cohort with that domain, or use the field 'text'")
     return chosen
 
@@ -397,7 +416,7 @@ def run_train_tokenizer(
     """
     final = Path(out)
     out = _check_out(final, resume, overwrite)  # a staging directory when overwriting
-    inputs = load_inputs(cohort, descriptors)
+    inputs = load_inputs(cohort, descriptors, text_fields)
     split = split_subjects(inputs, held_out_fraction)
     train_cfg = stage_train_config(preset, train)
     build_config(preset, inputs, 8, overrides)  # a bad preset or override fails before the LLM is loaded
