@@ -14,7 +14,8 @@ the text features (which text fields, pooling, layer) this script reports, on a 
   among the held-out scans, cosine). This is the ceiling for a tokenizer whose pooled features were the
   descriptors themselves; ``chance`` is 1 / held-out scans.
 - with ``--cohort`` (the cohort DESC describes), ``FC top-1``: the same retrieval from each scan's full Fisher-z FC
-  matrix (upper triangle), what a linear read-out of perfectly computed connectivity would reach.
+  matrix (upper triangle), what a linear read-out of perfectly computed connectivity would reach, and ``network FC
+  top-1`` from its mean Fisher-z FC within and between networks (what ``contrast_pooling: network`` approximates).
 
 Features are cached in the work directory (rerunning is instant).
 """
@@ -65,7 +66,7 @@ def _retrieval(inputs: np.ndarray, z: np.ndarray, train: np.ndarray, test: np.nd
 
 
 def score(features: np.ndarray, descriptors: np.ndarray, train: np.ndarray, test: np.ndarray,
-          fc: np.ndarray | None = None) -> dict:
+          fc: np.ndarray | None = None, network_fc: np.ndarray | None = None) -> dict:
     """Held-out R2 (text -> descriptors) and retrieval from descriptors (and FC) of (S, D) text features."""
     z = _standardise(features, features[train])
     r2 = RidgeCV(alphas=ALPHAS).fit(z[train], descriptors[train]).score(z[test], descriptors[test])
@@ -74,18 +75,31 @@ def score(features: np.ndarray, descriptors: np.ndarray, train: np.ndarray, test
               "chance_top1": 1.0 / len(test)}
     if fc is not None:
         result["fc_f2t_top1"], result["fc_t2f_top1"] = _retrieval(_standardise(fc, fc[train]), z, train, test)
+    if network_fc is not None:
+        result["network_fc_f2t_top1"], result["network_fc_t2f_top1"] = _retrieval(
+            _standardise(network_fc, network_fc[train]), z, train, test)
     return result
 
 
-def fc_matrices(cohort: Path, scan_ids: list[str]) -> np.ndarray:
-    """(S, N (N - 1) / 2) Fisher-z correlations of each scan, in ``scan_ids`` order."""
+def fc_matrices(cohort: Path, scan_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(S, N (N - 1) / 2) Fisher-z correlations of each scan, in ``scan_ids`` order, and (S, K (K + 1) / 2) their
+    means within and between the K networks of the cohort's ROI table (self-pairs left out)."""
     from fmrilm import load_cohort
 
     with load_cohort(cohort) as opened:
         row = {s: i for i, s in enumerate(opened.scans["scan_id"])}
-        upper = np.triu_indices(opened.timeseries.shape[2], 1)
-        return np.stack([np.arctanh(np.clip(np.corrcoef(opened.scan(row[s]).T)[upper], -0.999, 0.999))
-                         for s in scan_ids])
+        n_rois = opened.timeseries.shape[2]
+        upper = np.triu_indices(n_rois, 1)
+        labels = opened.rois["network"].astype(str).to_numpy()
+        names = sorted(set(labels))
+        full, networks = [], []
+        for s in scan_ids:
+            z = np.arctanh(np.clip(np.corrcoef(opened.scan(row[s]).T), -0.999, 0.999))
+            np.fill_diagonal(z, np.nan)
+            full.append(z[upper])
+            networks.append([np.nanmean(z[np.ix_(labels == a, labels == b)]) for i, a in enumerate(names)
+                             for b in names[i:]])
+        return np.stack(full), np.nan_to_num(np.array(networks))
 
 
 def main() -> None:
@@ -102,21 +116,24 @@ def main() -> None:
     descriptors = table.select_dtypes("number").fillna(0.0).to_numpy()
     order = np.random.default_rng(0).permutation(len(ids))
     test, train = order[: len(ids) // 5], order[len(ids) // 5 :]
-    fc = fc_matrices(args.cohort, ids) if args.cohort else None
+    fc, network_fc = fc_matrices(args.cohort, ids) if args.cohort else (None, None)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="fmrilm-bench-text-"))
     model, tokenizer = load_backbone(args.llm, dtype=torch.bfloat16)
     print(f"{args.llm}, {len(ids)} scans ({len(train)} train / {len(test)} held out), chance top-1 {1 / len(test):.3f}")
-    print("| text features | text->descriptors R2 | oracle f2t / t2f top-1 | FC f2t / t2f top-1 | s |")
-    print("|---|---|---|---|---|")
+    print("| text features | text->descriptors R2 | oracle f2t / t2f top-1 | FC f2t / t2f top-1 "
+          "| network FC f2t / t2f top-1 | s |")
+    print("|---|---|---|---|---|---|")
     for name, fields, pooling, depth in VARIANTS:
         start = time.perf_counter()
         parts = [text_features(model, tokenizer, [r[f] for r in records], pooling=pooling, depth=depth,
                                max_length=2048, cache=workdir / f"{f}_{pooling}_{depth}.safetensors")
                  for f in fields]
-        result = score(torch.cat(parts, 1).numpy(), descriptors, train, test, fc)
-        fc_cell = f"{result['fc_f2t_top1']:.3f} / {result['fc_t2f_top1']:.3f}" if fc is not None else "-"
+        result = score(torch.cat(parts, 1).numpy(), descriptors, train, test, fc, network_fc)
+        cells = [f"{result[f'{k}_f2t_top1']:.3f} / {result[f'{k}_t2f_top1']:.3f}" if fc is not None else "-"
+                 for k in ("fc", "network_fc")]
         print(f"| {name} | {result['text_to_descriptors_r2']:.3f} | {result['oracle_f2t_top1']:.3f} / "
-              f"{result['oracle_t2f_top1']:.3f} | {fc_cell} | {time.perf_counter() - start:.0f} |", flush=True)
+              f"{result['oracle_t2f_top1']:.3f} | {cells[0]} | {cells[1]} | {time.perf_counter() - start:.0f} |",
+              flush=True)
 
 
 if __name__ == "__main__":
