@@ -195,3 +195,26 @@ def test_train_tokenizer_killed_after_a_checkpoint_resumes_to_the_uninterrupted_
                           text=True, timeout=TIMEOUT)
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert f"checkpoint file {weights} is truncated" in done.stderr and "delete the directory" in done.stderr
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o002])
+def test_atomic_outputs_get_the_umask_modes_not_private_ones(tmp_path, mask):
+    from fmrilm.io import atomic_file, write_json_atomic
+    from fmrilm.report.html import _write_text_atomic
+
+    old = os.umask(mask)
+    try:
+        write_json_atomic(tmp_path / "a.json", {"x": 1})
+        _write_text_atomic(tmp_path / "report.html", "<p>hi</p>")
+        with atomic_output_dir(tmp_path / "out") as tmp:
+            (tmp / "f.txt").write_text("x")
+        with pytest.raises(RuntimeError), atomic_file(tmp_path / "a.json") as tmp:  # a failed write keeps the old file
+            tmp.write_text("half")
+            raise RuntimeError("stop")
+    finally:
+        os.umask(old)
+    for name in ("a.json", "report.html", "out/f.txt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~mask, name
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~mask
+    assert json.loads((tmp_path / "a.json").read_text()) == {"x": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "out", "report.html"]  # no temporary left

@@ -10,7 +10,6 @@ import argparse
 import importlib
 import sys
 import warnings
-from pathlib import Path
 
 from fmrilm import __version__
 from fmrilm.commands import MODULES

@@ -43,6 +43,7 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Itera
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_siblings(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{_owner()}-", dir=path.parent))
+    plain_mode(tmp, directory=True)
     try:
         yield tmp
     except BaseException:
@@ -99,14 +100,38 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def write_json_atomic(path: str | os.PathLike, obj: object) -> None:
-    """Write JSON to ``path`` through a temporary file and a rename."""
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def plain_mode(path: str | os.PathLike, directory: bool = False) -> None:
+    """Give ``path`` the mode a plainly created file (0o666) or directory (0o777) would get under the umask:
+    ``mkstemp`` and ``mkdtemp`` make private 0600 / 0700 entries, which would keep a shared lab out of outputs."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; when the block succeeds it gets the umask's mode and is renamed onto
+    ``path`` (readers see the old file or the whole new one), otherwise it is removed and ``path`` is untouched."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        plain_mode(tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: object) -> None:
+    """Write JSON to ``path`` through a temporary file and a rename."""
+    with atomic_file(path) as tmp, open(tmp, "w") as handle:
         json.dump(obj, handle, indent=2, sort_keys=False, default=_json_default)
         handle.write("\n")
-    os.replace(tmp, path)
 
 
 def _json_default(obj: object) -> object:

@@ -20,7 +20,7 @@ import pandas as pd
 
 from fmrilm.constants import SUBCORTICAL, YEO7_NETWORKS
 from fmrilm.errors import FmrilmError
-from fmrilm.io import sha256_file
+from fmrilm.io import plain_mode, sha256_file
 
 _SOURCE = "https://raw.githubusercontent.com/yetianmed/subcortex/master/Group-Parcellation/3T/Cortex-Subcortex/"
 
@@ -111,6 +111,7 @@ def _download(filename: str, sha256: str, dest_dir: Path) -> Path:
     if sha256_file(Path(tmp.name)) != sha256:
         os.unlink(tmp.name)
         raise FmrilmError(f"downloaded {filename} does not match its sha256 checksum; try again or place it by hand")
+    plain_mode(tmp.name)  # NamedTemporaryFile is private (0600); the cache is shared like any download
     os.replace(tmp.name, dest)
     return dest
 

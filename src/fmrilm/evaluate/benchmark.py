@@ -55,7 +55,7 @@ from fmrilm.evaluate.benchmark_config import BenchmarkConfig, resolve_config
 from fmrilm.evaluate.benchmark_fmrilm import fmrilm_rows
 from fmrilm.evaluate.protocol import TASKS, Split, get_task, make_splits, save_splits
 from fmrilm.evaluate.results import JSON_FILE, MARKDOWN_FILE, ResultRow, markdown_tables, rows_from_seeds, write_results
-from fmrilm.io import write_json_atomic
+from fmrilm.io import atomic_file, plain_mode, write_json_atomic
 
 CONFIG_FILE, RUN_FILE = "config.json", "run.json"
 ConfigLike = BenchmarkConfig | dict | str | os.PathLike  # a config, its dict, or a preset name or JSON file
@@ -142,9 +142,8 @@ def run_cell(method: str, built: BuiltCohort, cohort: Cohort, features: FeatureC
 def _save_splits(out: Path, cohort_name: str, task: str, splits: list[Split]) -> None:
     path = out / "splits" / f"{cohort_name}_{task}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    os.replace(save_splits(tmp, splits), path)
+    with atomic_file(path) as tmp:
+        save_splits(tmp, splits)
 
 
 def cohort_cells(built: BuiltCohort, tasks: tuple[str, ...], config: BenchmarkConfig, out: Path, stats: dict,
@@ -215,6 +214,7 @@ def write_outputs(out: Path, rows: list[ResultRow], roc: dict) -> None:
 
     shown = table_rows(rows)
     tmp = Path(tempfile.mkdtemp(prefix=".outputs.tmp-", dir=out))
+    plain_mode(tmp, directory=True)  # plots/ is renamed into place as it is
     try:
         write_results(tmp, rows)
         (tmp / MARKDOWN_FILE).write_text(markdown_tables(shown))

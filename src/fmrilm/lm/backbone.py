@@ -16,14 +16,13 @@ import importlib.util
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from fmrilm.data.atlas import cache_dir
 from fmrilm.errors import FmrilmError
-from fmrilm.io import atomic_output_dir, write_json_atomic
+from fmrilm.io import atomic_file, atomic_output_dir, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -500,12 +499,6 @@ def _write_features(path: Path, key: str, features: torch.Tensor, pooling: str, 
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
     metadata = {"fmrilm_key": key, "pooling": pooling, "max_length": str(max_length), "n_texts": str(len(features))}
-    try:
-        save_file({"features": features.contiguous()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp:
+        save_file({"features": features.contiguous()}, str(tmp), metadata=metadata)

@@ -13,13 +13,13 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable
 
 from fmrilm import __version__
 from fmrilm.errors import FmrilmError, FmrilmWarning
+from fmrilm.io import atomic_file
 from fmrilm.report import sections_data, sections_models, sections_results
 from fmrilm.report.common import RunDir, StageNotRun, esc, note, read_json
 
@@ -97,13 +97,8 @@ def render_page(run: RunDir) -> tuple[str, dict[str, str]]:
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def build_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,7 @@ from torch import Tensor, nn
 from vector_quantize_pytorch import FSQ, VectorQuantize
 
 from fmrilm.errors import FmrilmError
-from fmrilm.io import write_json_atomic
+from fmrilm.io import atomic_file, write_json_atomic
 from fmrilm.tokenizer.config import TokenizerConfig
 from fmrilm.tokenizer.losses import TokenizerLoss
 
@@ -333,13 +332,8 @@ class FMRITokenizer(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {name: tensor.detach().cpu().contiguous() for name, tensor in self.state_dict().items()}
-        fd, tmp = tempfile.mkstemp(prefix=f".{WEIGHTS_FILE}.", dir=directory)
-        os.close(fd)
-        try:
-            save_file(state, tmp, metadata={"format": FORMAT})
-            os.replace(tmp, directory / WEIGHTS_FILE)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        with atomic_file(directory / WEIGHTS_FILE) as tmp:
+            save_file(state, str(tmp), metadata={"format": FORMAT})
         write_json_atomic(directory / CONFIG_FILE, {"format": FORMAT, "config": self.config.to_dict()})
 
     @classmethod

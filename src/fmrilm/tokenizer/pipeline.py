@@ -36,7 +36,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -50,7 +49,7 @@ from torch.utils.data import Dataset, default_collate
 from fmrilm import __version__
 from fmrilm.data.cohort import load_cohort
 from fmrilm.errors import FmrilmError, FmrilmWarning
-from fmrilm.io import check_same_run, link_tree, training_output, write_json_atomic
+from fmrilm.io import atomic_file, check_same_run, link_tree, training_output, write_json_atomic
 from fmrilm.tokenizer.config import TokenizerConfig, load_preset
 from fmrilm.tokenizer.evaluate import evaluate_tokenizer, scan_batches
 from fmrilm.tokenizer.model import CONFIG_FILE, WEIGHTS_FILE, FMRITokenizer, FMRITokenizerForTraining
@@ -552,10 +551,5 @@ def _save_safetensors_atomic(tensors: dict[str, Tensor], path: Path, metadata: d
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
