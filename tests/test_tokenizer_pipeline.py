@@ -238,7 +238,7 @@ def test_sizes_from_the_data_cannot_be_overridden():
     assert build_config("tiny", inputs, 24, None).llm_embed_dim == 24
     with pytest.raises(FmrilmError, match=r"contrast_pooling 'network' needs each ROI's network, the 'network' column "
                                           r"of cohort/rois.parquet"):
-        build_config("tiny", inputs, 32, {"contrast_pooling": "network"})
+        build_config("tiny", inputs, 32, {"contrast_pooling": "network", "patch_size": 16})
 
 
 def test_network_pooling_takes_the_networks_of_the_cohort_rois(described, tmp_path):

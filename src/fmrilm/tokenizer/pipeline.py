@@ -36,7 +36,6 @@ import hashlib
 import json
 import os
 import shutil
-import warnings
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -48,7 +47,7 @@ from torch.utils.data import Dataset, default_collate
 
 from fmrilm import __version__
 from fmrilm.data.cohort import load_cohort
-from fmrilm.errors import FmrilmError, FmrilmWarning
+from fmrilm.errors import FmrilmError
 from fmrilm.io import atomic_file, check_same_run, link_tree, training_output, write_json_atomic
 from fmrilm.tokenizer.config import TokenizerConfig, load_preset
 from fmrilm.tokenizer.evaluate import evaluate_tokenizer, scan_batches
@@ -347,10 +346,6 @@ def build_config(preset: str, inputs: StageInputs, hidden_size: int, overrides: 
     fixed = sorted(set(overrides) & set(_FROM_DATA))
     if fixed:
         raise FmrilmError(f"tokenizer settings {fixed} come from the cohort and the LLM and cannot be overridden")
-    if overrides.get("contrast_pooling") == "network" and inputs.networks is None:
-        raise FmrilmError(f"contrast_pooling 'network' needs each ROI's network, the 'network' column of "
-                          f"{inputs.cohort / 'rois.parquet'}, which is missing or incomplete; prepare the cohort with "
-                          "an atlas whose labels name networks, or set contrast_pooling to 'mean'")
     if overrides.get("gradient_positioning") and inputs.gradients is None:
         raise FmrilmError(f"gradient_positioning needs the group gradients of {inputs.descriptors / 'reference'}, "
                           "which are missing or do not match the cohort's ROIs; run 'fmrilm describe' again")
@@ -359,10 +354,10 @@ def build_config(preset: str, inputs: StageInputs, hidden_size: int, overrides: 
              "gradient_positioning": inputs.gradients is not None,
              "n_networks": max(1, len(inputs.network_names))}
     config = load_preset(preset, **{**sizes, **overrides})
-    if config.contrast_pooling == "network" and inputs.networks is None:  # the preset asked for it
-        warnings.warn(f"{inputs.cohort / 'rois.parquet'} names no network for some ROIs, so the preset's "
-                      "contrast_pooling 'network' falls back to 'mean'", FmrilmWarning)
-        return load_preset(preset, **{**sizes, **overrides, "contrast_pooling": "mean"})
+    if config.contrast_pooling == "network" and inputs.networks is None:  # asked for by the preset or an override
+        raise FmrilmError(f"contrast_pooling 'network' needs each ROI's network, the 'network' column of "
+                          f"{inputs.cohort / 'rois.parquet'}, which is missing or incomplete; prepare the cohort with "
+                          "an atlas whose labels name networks, or set contrast_pooling to 'mean'")
     return config
 
 
