@@ -529,7 +529,8 @@ def test_network_pooling_trains_saves_and_reloads(tmp_path):
 def test_network_pooling_errors_name_the_fix():
     with pytest.raises(FmrilmError, match="contrast_pooling 'network' needs roi_networks"):
         FMRITokenizer(small_config(contrast_pooling="network", n_networks=2))
-    with pytest.raises(FmrilmError, match=r"roi_networks must be 11 integers \(n_rois,\) in \[0, 2\)"):
+    with pytest.raises(FmrilmError, match=r"roi_networks must be 11 integers \(n_rois,\) in \[0, 2\) \(n_networks\), "
+                                          r"got shape \(11,\) with values 0 to 10"):
         FMRITokenizer(small_config(contrast_pooling="network", n_networks=2), roi_networks=np.arange(11))
     with pytest.raises(FmrilmError, match="needs at least 2 patches per ROI"):
         small_config(contrast_pooling="network", patch_size=T)

@@ -163,8 +163,9 @@ def _check_networks(roi_networks: Tensor | np.ndarray | None, config: TokenizerC
     networks = torch.as_tensor(np.array(roi_networks) if not torch.is_tensor(roi_networks) else roi_networks)
     whole = networks.dtype in (torch.int32, torch.int64) or bool((networks == networks.round()).all())
     if tuple(networks.shape) != (config.n_rois,) or not whole or networks.min() < 0 or networks.max() >= config.n_networks:
+        values = f" with values {networks.min().item()} to {networks.max().item()}" if networks.numel() else ""
         raise FmrilmError(f"roi_networks must be {config.n_rois} integers (n_rois,) in [0, {config.n_networks}) "
-                          f"(n_networks), got shape {tuple(networks.shape)}")
+                          f"(n_networks), got shape {tuple(networks.shape)}{values}")
     return networks.long().clone()
 
 
